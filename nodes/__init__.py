@@ -1,0 +1,16 @@
+"""ComfyUI V3 nodes of comfyui-glance: thin wrappers over ``glance_core``."""
+
+from comfy_api.latest import ComfyExtension, io
+
+from .guidance import QwenNormCFG
+from .loader import PhaseAwareLoRALoader
+from .scheduler import SlowFastScheduler
+
+
+class GlanceExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [SlowFastScheduler, PhaseAwareLoRALoader, QwenNormCFG]
+
+
+async def comfy_entrypoint() -> GlanceExtension:
+    return GlanceExtension()
