@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 from pathlib import Path
@@ -39,6 +40,14 @@ def import_comfy(cpu: bool = True):
     import nodes
 
     if _pack_module() is None:
+        # ComfyUI's own comfy_extras nodes (custom sampling, ModelSampling*, hooks, train…). Its audio nodes
+        # fail to import without torchaudio (not installable on CPU): keep that known noise out of the log.
+        root = logging.getLogger()
+        level, root.level = root.level, logging.ERROR
+        try:
+            asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+        finally:
+            root.setLevel(level)
         link = pack_link(REPO / ".cache" / "custom_nodes")
         ok = asyncio.run(nodes.load_custom_node(str(link), module_parent="custom_nodes"))
         if not ok:

@@ -26,8 +26,9 @@ X = [0, 400, 800, 1200, 1600]
 def _sampling_tail(g: Graph, guider: Node, sigmas: tuple[Node, int], vae: Node, prefix: str, x: int) -> None:
     noise = g.add(Node(20, "RandomNoise", (x, 0), {"noise_seed": 42}, size=(300, 90)))
     sampler = g.add(Node(21, "KSamplerSelect", (x, 130), {"sampler_name": "euler"}, size=(300, 60)))
-    latent = g.add(Node(22, "EmptySD3LatentImage", (x, 230), {"width": 1024, "height": 1024, "batch_size": 1},
-                        size=(300, 110)))
+    latent = g.add(
+        Node(22, "EmptySD3LatentImage", (x, 230), {"width": 1024, "height": 1024, "batch_size": 1}, size=(300, 110))
+    )
     run = g.add(Node(23, "SamplerCustomAdvanced", (x + 340, 0), size=(280, 110)))
     decode = g.add(Node(24, "VAEDecode", (x + 340, 200), size=(220, 50)))
     save = g.add(Node(25, "SaveImage", (x + 340, 300), {"filename_prefix": prefix}, size=(400, 420)))
@@ -42,10 +43,29 @@ def _sampling_tail(g: Graph, guider: Node, sigmas: tuple[Node, int], vae: Node, 
 
 
 def _flux_loaders(g: Graph) -> tuple[Node, Node, Node]:
-    unet = g.add(Node(1, "UNETLoader", (X[0], 0), {"unet_name": "flux1-dev.safetensors", "weight_dtype": "default"},
-                      size=(340, 90)))
-    clip = g.add(Node(2, "DualCLIPLoader", (X[0], 140), {"clip_name1": "clip_l.safetensors",
-                      "clip_name2": "t5xxl_fp16.safetensors", "type": "flux", "device": "default"}, size=(340, 130)))
+    unet = g.add(
+        Node(
+            1,
+            "UNETLoader",
+            (X[0], 0),
+            {"unet_name": "flux1-dev.safetensors", "weight_dtype": "default"},
+            size=(340, 90),
+        )
+    )
+    clip = g.add(
+        Node(
+            2,
+            "DualCLIPLoader",
+            (X[0], 140),
+            {
+                "clip_name1": "clip_l.safetensors",
+                "clip_name2": "t5xxl_fp16.safetensors",
+                "type": "flux",
+                "device": "default",
+            },
+            size=(340, 130),
+        )
+    )
     vae = g.add(Node(3, "VAELoader", (X[0], 320), {"vae_name": "ae.safetensors"}, size=(340, 60)))
     text = g.add(Node(4, "CLIPTextEncode", (X[1], 300), {"text": PROMPT}, title="Prompt", size=(360, 140)))
     g.link(clip, 0, text, "clip")
@@ -57,11 +77,37 @@ def _flux_loaders(g: Graph) -> tuple[Node, Node, Node]:
 def glance_flux() -> Graph:
     g = Graph()
     unet, vae, cond = _flux_loaders(g)
-    sched = g.add(Node(6, "SlowFastScheduler", (X[1], 0), {"preset": "glance_flux", "base_steps": 50, "slow_steps": 5,
-                       "slow_stride": 2, "fast_steps": 5, "shift_terminal": 0.0}, size=(340, 230)))
-    lora = g.add(Node(7, "PhaseAwareLoRALoader", (X[2], 0), {"slow_lora": "glance_flux_slow.safetensors",
-                      "fast_lora": "glance_flux_fast.safetensors", "slow_strength": 1.0, "fast_strength": 1.0,
-                      "boundary_sigma": 0.9}, size=(360, 200)))
+    sched = g.add(
+        Node(
+            6,
+            "SlowFastScheduler",
+            (X[1], 0),
+            {
+                "preset": "glance_flux",
+                "base_steps": 50,
+                "slow_steps": 5,
+                "slow_stride": 2,
+                "fast_steps": 5,
+                "shift_terminal": 0.0,
+            },
+            size=(340, 230),
+        )
+    )
+    lora = g.add(
+        Node(
+            7,
+            "PhaseAwareLoRALoader",
+            (X[2], 0),
+            {
+                "slow_lora": "glance_flux_slow.safetensors",
+                "fast_lora": "glance_flux_fast.safetensors",
+                "slow_strength": 1.0,
+                "fast_strength": 1.0,
+                "boundary_sigma": 0.9,
+            },
+            size=(360, 200),
+        )
+    )
     g.link(unet, 0, sched, "model")
     g.link(unet, 0, lora, "model")
     g.link(sched, 1, lora, "boundary_sigma")
@@ -69,48 +115,110 @@ def glance_flux() -> Graph:
     g.link(lora, 0, guider, "model")
     g.link(cond, 0, guider, "conditioning")
     _sampling_tail(g, guider, (sched, 0), vae, "glance_flux_10step", X[3])
-    g.add(Node(30, "Note", (X[0], 440), size=(340, 260), text=(
-        "Glance FLUX.1 in 10 model evaluations (5 Slow + 5 Fast).\n\n"
-        "Slow/Fast Scheduler gives the official Glance FLUX sigmas and the boundary between the phases; the "
-        "Phase-Aware LoRA Loader runs the Slow LoRA above that sigma and the Fast LoRA below it, in ONE sampling run.\n\n"
-        "Put the two LoRAs in models/loras (train them with OneShotTrainer). Compare with flux_base_50step.json "
-        "(same seed, 50 evaluations).")))
+    g.add(
+        Node(
+            30,
+            "Note",
+            (X[0], 440),
+            size=(340, 260),
+            text=(
+                "Glance FLUX.1 in 10 model evaluations (5 Slow + 5 Fast).\n\n"
+                "Slow/Fast Scheduler gives the official Glance FLUX sigmas and the boundary between the phases; the "
+                "Phase-Aware LoRA Loader runs the Slow LoRA above that sigma and the Fast LoRA below it, "
+                "in ONE sampling run.\n\n"
+                "Put the two LoRAs in models/loras (train them with OneShotTrainer). "
+                "Compare with flux_base_50step.json "
+                "(same seed, 50 evaluations)."
+            ),
+        )
+    )
     return g
 
 
 def flux_base() -> Graph:
     g = Graph()
     unet, vae, cond = _flux_loaders(g)
-    sched = g.add(Node(6, "BasicScheduler", (X[1], 0), {"scheduler": "simple", "steps": 50, "denoise": 1.0},
-                       size=(300, 110)))
+    sched = g.add(
+        Node(6, "BasicScheduler", (X[1], 0), {"scheduler": "simple", "steps": 50, "denoise": 1.0}, size=(300, 110))
+    )
     g.link(unet, 0, sched, "model")
     guider = g.add(Node(8, "BasicGuider", (X[2], 260), size=(240, 50)))
     g.link(unet, 0, guider, "model")
     g.link(cond, 0, guider, "conditioning")
     _sampling_tail(g, guider, (sched, 0), vae, "flux_base_50step", X[3])
-    g.add(Node(30, "Note", (X[0], 440), size=(340, 200), text=(
-        "The base model with 50 Euler steps: the reference Glance accelerates. Same prompt, seed and size as "
-        "glance_flux_10step.json, so the two images can be compared directly.")))
+    g.add(
+        Node(
+            30,
+            "Note",
+            (X[0], 440),
+            size=(340, 200),
+            text=(
+                "The base model with 50 Euler steps: the reference Glance accelerates. Same prompt, seed and size as "
+                "glance_flux_10step.json, so the two images can be compared directly."
+            ),
+        )
+    )
     return g
 
 
 def glance_qwen() -> Graph:
     g = Graph()
-    unet = g.add(Node(1, "UNETLoader", (X[0], 0), {"unet_name": "qwen_image_bf16.safetensors",
-                      "weight_dtype": "default"}, size=(340, 90)))
-    clip = g.add(Node(2, "CLIPLoader", (X[0], 140), {"clip_name": "qwen_2.5_vl_7b.safetensors", "type": "qwen_image",
-                      "device": "default"}, size=(340, 110)))
+    unet = g.add(
+        Node(
+            1,
+            "UNETLoader",
+            (X[0], 0),
+            {"unet_name": "qwen_image_bf16.safetensors", "weight_dtype": "default"},
+            size=(340, 90),
+        )
+    )
+    clip = g.add(
+        Node(
+            2,
+            "CLIPLoader",
+            (X[0], 140),
+            {"clip_name": "qwen_2.5_vl_7b.safetensors", "type": "qwen_image", "device": "default"},
+            size=(340, 110),
+        )
+    )
     vae = g.add(Node(3, "VAELoader", (X[0], 300), {"vae_name": "qwen_image_vae.safetensors"}, size=(340, 60)))
     pos = g.add(Node(4, "CLIPTextEncode", (X[1], 300), {"text": PROMPT}, title="Prompt", size=(360, 140)))
-    neg = g.add(Node(5, "CLIPTextEncode", (X[1], 480), {"text": " "}, title="Negative prompt (official: ' ')",
-                     size=(360, 100)))
+    neg = g.add(
+        Node(5, "CLIPTextEncode", (X[1], 480), {"text": " "}, title="Negative prompt (official: ' ')", size=(360, 100))
+    )
     g.link(clip, 0, pos, "clip")
     g.link(clip, 0, neg, "clip")
-    sched = g.add(Node(6, "SlowFastScheduler", (X[1], 0), {"preset": "glance_qwen_image", "base_steps": 50,
-                       "slow_steps": 5, "slow_stride": 2, "fast_steps": 5, "shift_terminal": 0.02}, size=(340, 230)))
-    lora = g.add(Node(7, "PhaseAwareLoRALoader", (X[2], 0), {"slow_lora": "glance_qwen_slow.safetensors",
-                      "fast_lora": "glance_qwen_fast.safetensors", "slow_strength": 1.0, "fast_strength": 1.0,
-                      "boundary_sigma": 0.9}, size=(360, 200)))
+    sched = g.add(
+        Node(
+            6,
+            "SlowFastScheduler",
+            (X[1], 0),
+            {
+                "preset": "glance_qwen_image",
+                "base_steps": 50,
+                "slow_steps": 5,
+                "slow_stride": 2,
+                "fast_steps": 5,
+                "shift_terminal": 0.02,
+            },
+            size=(340, 230),
+        )
+    )
+    lora = g.add(
+        Node(
+            7,
+            "PhaseAwareLoRALoader",
+            (X[2], 0),
+            {
+                "slow_lora": "glance_qwen_slow.safetensors",
+                "fast_lora": "glance_qwen_fast.safetensors",
+                "slow_strength": 1.0,
+                "fast_strength": 1.0,
+                "boundary_sigma": 0.9,
+            },
+            size=(360, 200),
+        )
+    )
     g.link(unet, 0, sched, "model")
     g.link(unet, 0, lora, "model")
     g.link(sched, 1, lora, "boundary_sigma")
@@ -121,11 +229,21 @@ def glance_qwen() -> Graph:
     g.link(pos, 0, guider, "positive")
     g.link(neg, 0, guider, "negative")
     _sampling_tail(g, guider, (sched, 0), vae, "glance_qwen_image_10step", X[3])
-    g.add(Node(30, "Note", (X[0], 420), size=(340, 280), text=(
-        "Glance Qwen-Image in 10 steps with true CFG 5 (20 model evaluations instead of 100), as the official "
-        "pipeline: Slow LoRA on the first 5 sigmas, Fast LoRA on the last 5, negative prompt ' ', and Qwen's "
-        "norm-rescaled CFG.\n\nThe official files glance_qwen_slow/fast.safetensors carry no alpha: strength 1.0 "
-        "reproduces the official inference.")))
+    g.add(
+        Node(
+            30,
+            "Note",
+            (X[0], 420),
+            size=(340, 280),
+            text=(
+                "Glance Qwen-Image in 10 steps with true CFG 5 (20 model evaluations instead of 100), as the official "
+                "pipeline: Slow LoRA on the first 5 sigmas, Fast LoRA on the last 5, negative prompt ' ', and Qwen's "
+                "norm-rescaled CFG.\n\nThe official files glance_qwen_slow/fast.safetensors carry no alpha: "
+                "strength 1.0 "
+                "reproduces the official inference."
+            ),
+        )
+    )
     return g
 
 

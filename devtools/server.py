@@ -46,9 +46,21 @@ class ComfyServer:
         pack_link(custom)
         if self.testkit and not (custom / "glance_testkit").exists():
             (custom / "glance_testkit").symlink_to(TESTKIT, target_is_directory=True)
-        cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-               "--base-directory", str(self.base), "--database-url", "sqlite:///:memory:",
-               "--disable-auto-launch", *self.extra_args]
+        cmd = [
+            sys.executable,
+            "main.py",
+            "--cpu",
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--base-directory",
+            str(self.base),
+            "--database-url",
+            "sqlite:///:memory:",
+            "--disable-auto-launch",
+            *self.extra_args,
+        ]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, cwd=comfy_path(), stdout=self._log, stderr=subprocess.STDOUT, env=env)
@@ -87,8 +99,9 @@ class ComfyServer:
     # --- HTTP ------------------------------------------------------------------------------
     def _request(self, method: str, path: str, body=None, timeout: float = 60.0):
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            self.url + path, data=data, method=method, headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(req, timeout=timeout) as r:
             raw = r.read()
             return json.loads(raw) if r.headers.get_content_type() == "application/json" else raw
@@ -122,8 +135,11 @@ class ComfyServer:
         while time.time() < deadline:
             hist = self.get(f"/history/{prompt_id}")
             entry = hist.get(prompt_id)
-            if entry and entry.get("status", {}).get("completed") is not None and (
-                    entry["status"].get("status_str") in ("success", "error")):
+            if (
+                entry
+                and entry.get("status", {}).get("completed") is not None
+                and (entry["status"].get("status_str") in ("success", "error"))
+            ):
                 return entry
             if self.proc.poll() is not None:
                 raise RuntimeError(f"ComfyUI died:\n{self.log()[-4000:]}")

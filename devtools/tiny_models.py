@@ -13,11 +13,34 @@ from pathlib import Path
 
 import torch
 
-FLUX_TINY = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=32,
-                 hidden_size=64, mlp_ratio=4.0, num_heads=2, depth=2, depth_single_blocks=2, axes_dim=[8, 12, 12],
-                 theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True)
-QWEN_TINY = dict(image_model="qwen_image", patch_size=2, in_channels=64, out_channels=16, num_layers=2,
-                 attention_head_dim=32, num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=[8, 12, 12])
+FLUX_TINY = dict(
+    image_model="flux",
+    in_channels=16,
+    out_channels=16,
+    vec_in_dim=32,
+    context_in_dim=32,
+    hidden_size=64,
+    mlp_ratio=4.0,
+    num_heads=2,
+    depth=2,
+    depth_single_blocks=2,
+    axes_dim=[8, 12, 12],
+    theta=10000,
+    patch_size=2,
+    qkv_bias=True,
+    guidance_embed=True,
+)
+QWEN_TINY = dict(
+    image_model="qwen_image",
+    patch_size=2,
+    in_channels=64,
+    out_channels=16,
+    num_layers=2,
+    attention_head_dim=32,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    axes_dims_rope=[8, 12, 12],
+)
 CONFIGS = {"flux": FLUX_TINY, "qwen_image": QWEN_TINY}
 META_KEY = "glance_tiny_config"
 
@@ -98,9 +121,20 @@ def latent(arch: str, height: int = 32, width: int = 32, batch: int = 1) -> torc
 # ---------------------------------------------------------------------------------------------
 # LoRA files in the layouts the loader must accept.
 # ---------------------------------------------------------------------------------------------
-GLANCE_QWEN_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj",
-                       "attn.add_v_proj", "attn.to_out.0", "attn.to_add_out", "img_mlp.net.2", "img_mod.1",
-                       "txt_mlp.net.2", "txt_mod.1")
+GLANCE_QWEN_TARGETS = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_out.0",
+    "attn.to_add_out",
+    "img_mlp.net.2",
+    "img_mod.1",
+    "txt_mlp.net.2",
+    "txt_mod.1",
+)
 GLANCE_FLUX_DOUBLE = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0")
 GLANCE_FLUX_SINGLE = ("attn.to_q", "attn.to_k", "attn.to_v")
 _DIFFUSERS3 = {"attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"}  # renamed to lora.down/up by diffusers
@@ -117,7 +151,7 @@ def diffusers_linear_shapes(arch: str) -> dict[str, tuple[int, int]]:
     cfg = CONFIGS[arch]
     shapes = model_shapes(arch)
     if arch == "qwen_image":
-        return {k[:-len(".weight")]: (v[0], v[1]) for k, v in shapes.items() if k.endswith(".weight") and len(v) == 2}
+        return {k[: -len(".weight")]: (v[0], v[1]) for k, v in shapes.items() if k.endswith(".weight") and len(v) == 2}
     import comfy.utils
 
     out = {}
@@ -128,7 +162,7 @@ def diffusers_linear_shapes(arch: str) -> dict[str, tuple[int, int]]:
         w = shapes.get(key)
         if w is None or len(w) != 2:
             continue
-        out[dk[:-len(".weight")]] = (offset[2] if offset else w[0], w[1])
+        out[dk[: -len(".weight")]] = (offset[2] if offset else w[0], w[1])
     return out
 
 
@@ -141,12 +175,14 @@ def glance_lora(arch: str, seed: int, rank: int = 4, std: float = 0.5) -> dict[s
     else:
         cfg = CONFIGS[arch]
         names = [f"transformer_blocks.{i}.{t}" for i in range(cfg["depth"]) for t in GLANCE_FLUX_DOUBLE]
-        names += [f"single_transformer_blocks.{i}.{t}" for i in range(cfg["depth_single_blocks"]) for t in GLANCE_FLUX_SINGLE]
+        names += [
+            f"single_transformer_blocks.{i}.{t}" for i in range(cfg["depth_single_blocks"]) for t in GLANCE_FLUX_SINGLE
+        ]
     sd = {}
     for n in names:
         out_f, in_f = shapes[n]
-        down = _factor(seed, n + ".A", (rank, in_f), 1.0 / in_f ** 0.5)
-        up = _factor(seed, n + ".B", (out_f, rank), std / rank ** 0.5)
+        down = _factor(seed, n + ".A", (rank, in_f), 1.0 / in_f**0.5)
+        up = _factor(seed, n + ".B", (out_f, rank), std / rank**0.5)
         diffusers3 = any(n.endswith(t) for t in _DIFFUSERS3)
         a, b = ("lora.down.weight", "lora.up.weight") if diffusers3 else ("lora_A.weight", "lora_B.weight")
         sd[f"transformer.{n}.{a}"] = down
@@ -154,8 +190,9 @@ def glance_lora(arch: str, seed: int, rank: int = 4, std: float = 0.5) -> dict[s
     return sd
 
 
-def native_lora(arch: str, seed: int, rank: int = 4, std: float = 0.5, alpha: float | None = 2.0,
-                style: str = "comfy") -> dict[str, torch.Tensor]:
+def native_lora(
+    arch: str, seed: int, rank: int = 4, std: float = 0.5, alpha: float | None = 2.0, style: str = "comfy"
+) -> dict[str, torch.Tensor]:
     """A LoRA on ComfyUI-native module names: ``comfy`` = ``diffusion_model.<name>.lora_up/down`` + alpha,
     ``kohya`` = ``lora_unet_<name_with_underscores>.lora_up/down`` + alpha."""
     shapes = model_shapes(arch)
@@ -165,11 +202,11 @@ def native_lora(arch: str, seed: int, rank: int = 4, std: float = 0.5, alpha: fl
             continue
         if not any(s in key for s in (".qkv.", ".proj.", "linear1", "linear2", "to_q", "to_out", "img_mod", "txt_mlp")):
             continue
-        name = key[:-len(".weight")]
+        name = key[: -len(".weight")]
         out_f, in_f = shapes[key]
         prefix = f"diffusion_model.{name}" if style == "comfy" else "lora_unet_" + name.replace(".", "_")
-        sd[f"{prefix}.lora_down.weight"] = _factor(seed, name + ".A", (rank, in_f), 1.0 / in_f ** 0.5)
-        sd[f"{prefix}.lora_up.weight"] = _factor(seed, name + ".B", (out_f, rank), std / rank ** 0.5)
+        sd[f"{prefix}.lora_down.weight"] = _factor(seed, name + ".A", (rank, in_f), 1.0 / in_f**0.5)
+        sd[f"{prefix}.lora_up.weight"] = _factor(seed, name + ".B", (out_f, rank), std / rank**0.5)
         if alpha is not None:
             sd[f"{prefix}.alpha"] = torch.tensor(float(alpha))
     return sd
@@ -177,8 +214,12 @@ def native_lora(arch: str, seed: int, rank: int = 4, std: float = 0.5, alpha: fl
 
 def peft_lora(arch: str, seed: int, rank: int = 4, std: float = 0.5) -> dict[str, torch.Tensor]:
     """Unprefixed PEFT keys (``<diffusers name>.lora_A/lora_B.weight``), as ArcFlow/Qwen trainers save (Qwen only)."""
-    return {k[len("transformer."):].replace("lora.down.weight", "lora_A.weight").replace("lora.up.weight", "lora_B.weight"): v
-            for k, v in glance_lora(arch, seed, rank, std).items()}
+    return {
+        k[len("transformer.") :]
+        .replace("lora.down.weight", "lora_A.weight")
+        .replace("lora.up.weight", "lora_B.weight"): v
+        for k, v in glance_lora(arch, seed, rank, std).items()
+    }
 
 
 def save_lora(path: Path, sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
@@ -205,8 +246,15 @@ def tiny_vae_state_dict(arch: str, seed: int = 0) -> dict[str, torch.Tensor]:
         return sd
     from comfy.ldm.wan.vae import WanVAE
 
-    net = WanVAE(dim=16, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
-                 temperal_downsample=[False, True, True], dropout=0.0)
+    net = WanVAE(
+        dim=16,
+        z_dim=16,
+        dim_mult=[1, 2, 4, 4],
+        num_res_blocks=2,
+        attn_scales=[],
+        temperal_downsample=[False, True, True],
+        dropout=0.0,
+    )
     return seeded_state_dict({k: v.shape for k, v in net.state_dict().items()}, seed)
 
 
@@ -247,7 +295,8 @@ def tiny_prompt(api: dict, size: int = 256) -> dict:
     arch = None
     for nid, node in list(api.items()):
         if node["class_type"] == "DualCLIPLoader" or (
-                node["class_type"] == "CLIPLoader" and node["inputs"].get("type") == "qwen_image"):
+            node["class_type"] == "CLIPLoader" and node["inputs"].get("type") == "qwen_image"
+        ):
             arch = "flux" if node["class_type"] == "DualCLIPLoader" else "qwen_image"
             del api[nid]
     for node in api.values():

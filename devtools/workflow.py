@@ -83,7 +83,11 @@ def to_api(ui: dict, object_info: dict) -> dict:
             if name in linked:
                 _, origin, oslot, _, _, _ = links[linked[name]]
                 inputs[name] = [str(origin), oslot]
-        prompt[str(n["id"])] = {"class_type": n["type"], "inputs": inputs, "_meta": {"title": n.get("title", n["type"])}}
+        prompt[str(n["id"])] = {
+            "class_type": n["type"],
+            "inputs": inputs,
+            "_meta": {"title": n.get("title", n["type"])},
+        }
     return prompt
 
 
@@ -133,8 +137,10 @@ def build_ui(graph: Graph, object_info: dict, cnr: dict[str, tuple[str, str]]) -
             elif name in wired:
                 ins.append({"name": name, "type": _spec_type(spec), "widget": {"name": name}, "link": None})
         inputs_of[n.id] = ins
-        outputs_of[n.id] = [{"name": nm, "type": t, "links": [], "slot_index": i}
-                            for i, (t, nm) in enumerate(zip(info["output"], info["output_name"]))]
+        outputs_of[n.id] = [
+            {"name": nm, "type": t, "links": [], "slot_index": i}
+            for i, (t, nm) in enumerate(zip(info["output"], info["output_name"]))
+        ]
     for link_id, (s, slot, d, name) in enumerate(graph.edges, start=1):
         ltype = object_info[by_id[s].type]["output"][slot]
         dst_inputs = inputs_of[d]
@@ -144,8 +150,15 @@ def build_ui(graph: Graph, object_info: dict, cnr: dict[str, tuple[str, str]]) -
         ui_links.append([link_id, s, slot, d, tslot, ltype])
     order = _topo_order(graph)
     for n in graph.nodes:
-        node = {"id": n.id, "type": n.type, "pos": list(n.pos), "size": list(n.size), "flags": {},
-                "order": order.get(n.id, 0), "mode": 0}
+        node = {
+            "id": n.id,
+            "type": n.type,
+            "pos": list(n.pos),
+            "size": list(n.size),
+            "flags": {},
+            "order": order.get(n.id, 0),
+            "mode": 0,
+        }
         if n.type in VIRTUAL_NODES:
             node.update(inputs=[], outputs=[], properties={}, widgets_values=[n.text or ""])
             node["color"], node["bgcolor"] = "#432", "#653"
@@ -163,17 +176,28 @@ def build_ui(graph: Graph, object_info: dict, cnr: dict[str, tuple[str, str]]) -
             if unknown:
                 raise WorkflowError(f"{n.type}: unknown widgets {sorted(unknown)}")
             cnr_id, ver = cnr.get(n.type, ("comfy-core", "0.3.75"))
-            node.update(inputs=inputs_of[n.id], outputs=outputs_of[n.id],
-                        properties={"Node name for S&R": n.type, "cnr_id": cnr_id, "ver": ver},
-                        widgets_values=values)
+            node.update(
+                inputs=inputs_of[n.id],
+                outputs=outputs_of[n.id],
+                properties={"Node name for S&R": n.type, "cnr_id": cnr_id, "ver": ver},
+                widgets_values=values,
+            )
         if n.title:
             node["title"] = n.title
         ui_nodes.append(node)
     digest = hashlib.sha256("|".join(f"{n.id}:{n.type}" for n in graph.nodes).encode()).hexdigest()
-    return {"id": f"{digest[:8]}-{digest[8:12]}-4{digest[13:16]}-8{digest[17:20]}-{digest[20:32]}",
-            "revision": 0, "last_node_id": max(n.id for n in graph.nodes), "last_link_id": len(ui_links),
-            "nodes": ui_nodes, "links": ui_links, "groups": copy.deepcopy(graph.groups), "config": {},
-            "extra": {"ds": {"scale": 0.75, "offset": [0, 0]}}, "version": 0.4}
+    return {
+        "id": f"{digest[:8]}-{digest[8:12]}-4{digest[13:16]}-8{digest[17:20]}-{digest[20:32]}",
+        "revision": 0,
+        "last_node_id": max(n.id for n in graph.nodes),
+        "last_link_id": len(ui_links),
+        "nodes": ui_nodes,
+        "links": ui_links,
+        "groups": copy.deepcopy(graph.groups),
+        "config": {},
+        "extra": {"ds": {"scale": 0.75, "offset": [0, 0]}},
+        "version": 0.4,
+    }
 
 
 def _topo_order(graph: Graph) -> dict[int, int]:

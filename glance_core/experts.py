@@ -73,8 +73,10 @@ class ModuleDelta:
         key = (device, dtype)
         hit = self._cache.get(key)
         if hit is None:
-            hit = tuple(None if t is None else t.to(device=device, dtype=dtype) for t in
-                        (self.down, self.up, self.dense, self.bias))
+            hit = tuple(
+                None if t is None else t.to(device=device, dtype=dtype)
+                for t in (self.down, self.up, self.dense, self.bias)
+            )
             self._cache[key] = hit
         return hit
 
@@ -91,7 +93,7 @@ class ModuleDelta:
             delta = bias if delta is None else delta + bias
         if torch.is_grad_enabled() and out.requires_grad:
             out = out.clone()
-        out[..., self.row_start:self.row_start + self.rows] += delta
+        out[..., self.row_start : self.row_start + self.rows] += delta
         return out
 
     def nbytes(self) -> int:
@@ -118,8 +120,9 @@ def _module_of(model: torch.nn.Module, weight_key: str) -> tuple[str, torch.nn.M
     return module_name, module, param
 
 
-def build_expert(model_patcher, lora_sd: dict[str, torch.Tensor], strength: float, name: str,
-                 metadata: dict[str, str] | None = None) -> Expert:
+def build_expert(
+    model_patcher, lora_sd: dict[str, torch.Tensor], strength: float, name: str, metadata: dict[str, str] | None = None
+) -> Expert:
     """Parse ``lora_sd`` with ComfyUI's key maps for ``model_patcher``'s model.
 
     Raises GlanceError naming ``name`` when keys match no layer, or when a patch targets
@@ -149,7 +152,9 @@ def build_expert(model_patcher, lora_sd: dict[str, torch.Tensor], strength: floa
             f"Use the LoRA made for this model, or remove those keys from the file."
         )
     if ignored_te:
-        log.info("Glance: %s has %d text-encoder keys; this loader patches the diffusion model only.", name, len(ignored_te))
+        log.info(
+            "Glance: %s has %d text-encoder keys; this loader patches the diffusion model only.", name, len(ignored_te)
+        )
 
     # Group patches by Linear module: low-rank pieces and dense pieces.
     grouped: dict[str, list[tuple]] = {}
@@ -174,11 +179,17 @@ def build_expert(model_patcher, lora_sd: dict[str, torch.Tensor], strength: floa
             lowrank = _as_lowrank(patch, offset, function, param)
             if lowrank is not None:
                 row, down, up = lowrank
+                rows = offset[2] if offset is not None else out_features
+                if down.shape[1] != module.in_features or up.shape[0] != rows:
+                    raise GlanceError(
+                        f"LoRA {name!r} does not fit {weight_key}: its factors give a [{up.shape[0]}, {down.shape[1]}] "
+                        f"delta, the layer needs [{rows}, {module.in_features}]. It was made for another model size."
+                    )
                 low.append((row, down, up * strength))
                 continue
             base = getattr(module, param).detach().to("cpu", torch.float32)
             patched = comfy.lora.calculate_weight([(strength, patch, 1.0, offset, function)], base.clone(), weight_key)
-            diff = (patched.to(torch.float32) - base)
+            diff = patched.to(torch.float32) - base
             if param == "weight":
                 dense = diff if dense.numel() == 0 else dense + diff
             else:
@@ -194,7 +205,7 @@ def build_expert(model_patcher, lora_sd: dict[str, torch.Tensor], strength: floa
             d.up = torch.zeros(hi - lo, d.down.shape[0])
             col = 0
             for r, dn, up in low:
-                d.up[r - lo:r - lo + up.shape[0], col:col + dn.shape[0]] = up
+                d.up[r - lo : r - lo + up.shape[0], col : col + dn.shape[0]] = up
                 col += dn.shape[0]
         if dense.numel():
             d.dense = dense
@@ -259,6 +270,7 @@ class PhaseLoRA:
             if delta is None:
                 return None
             return delta.add_to(args[0], out)
+
         return hook
 
     # --- Wrappers ------------------------------------------------------------------------
@@ -286,8 +298,12 @@ class PhaseLoRA:
             return executor(*args, **kwargs)
         finally:
             self.active = None
-            log.info("Glance: %d evaluations with the Slow expert, %d with the Fast expert (boundary sigma %.5f).",
-                     self.counts["slow"], self.counts["fast"], self.boundary)
+            log.info(
+                "Glance: %d evaluations with the Slow expert, %d with the Fast expert (boundary sigma %.5f).",
+                self.counts["slow"],
+                self.counts["fast"],
+                self.boundary,
+            )
 
 
 def apply_phase_lora(model_patcher, slow: Expert | None, fast: Expert | None, boundary: float):

@@ -19,10 +19,8 @@ from . import GlanceError
 
 #: Official Glance sigma lists (training timesteps / 1000 at 1024², terminal 0 appended).
 PRESETS: dict[str, tuple[float, ...]] = {
-    "glance_qwen_image": (1.0, 0.97919, 0.95752, 0.93492, 0.91134,
-                          0.88671, 0.74507, 0.56295, 0.32008, 0.02, 0.0),
-    "glance_flux": (1.0, 0.98698, 0.97320, 0.95861, 0.94312,
-                    0.92665, 0.82570, 0.67799, 0.44120, 0.06055, 0.0),
+    "glance_qwen_image": (1.0, 0.97919, 0.95752, 0.93492, 0.91134, 0.88671, 0.74507, 0.56295, 0.32008, 0.02, 0.0),
+    "glance_flux": (1.0, 0.98698, 0.97320, 0.95861, 0.94312, 0.92665, 0.82570, 0.67799, 0.44120, 0.06055, 0.0),
 }
 #: Number of Slow evaluations in each preset (the rest are Fast).
 PRESET_SLOW_STEPS = 5
@@ -77,13 +75,16 @@ def glance_indices(base_steps: int, slow_steps: int, slow_stride: int, fast_step
     if base_steps < 2:
         raise GlanceError(f"base_steps must be at least 2 (got {base_steps}).")
     if slow_steps < 0 or fast_steps < 0 or slow_steps + fast_steps == 0:
-        raise GlanceError(f"Need at least one Slow or Fast step (got slow_steps={slow_steps}, fast_steps={fast_steps}).")
+        raise GlanceError(
+            f"Need at least one Slow or Fast step (got slow_steps={slow_steps}, fast_steps={fast_steps})."
+        )
     if slow_stride < 1:
         raise GlanceError(f"slow_stride must be at least 1 (got {slow_stride}).")
     slow_end = slow_steps * slow_stride
     if slow_end + fast_steps > base_steps or (fast_steps and slow_end >= base_steps):
         raise GlanceError(
-            f"The Slow phase covers base steps 0..{slow_end - 1} (slow_steps {slow_steps} × slow_stride {slow_stride}), "
+            f"The Slow phase covers base steps 0..{slow_end - 1} "
+            f"(slow_steps {slow_steps} × slow_stride {slow_stride}), "
             f"which leaves too few of the {base_steps} base steps for {fast_steps} Fast steps: "
             f"raise base_steps or lower slow_steps/slow_stride/fast_steps."
         )
@@ -99,7 +100,9 @@ def glance_indices(base_steps: int, slow_steps: int, slow_stride: int, fast_step
     return slow, fast
 
 
-def base_sigmas(percent_to_sigma: Callable[[float], float], base_steps: int, shift_terminal: float = 0.0) -> list[float]:
+def base_sigmas(
+    percent_to_sigma: Callable[[float], float], base_steps: int, shift_terminal: float = 0.0
+) -> list[float]:
     """The base model's own ``base_steps``-step flow schedule, diffusers-style.
 
     Base step i sits at unshifted time t = 1 - i/N (``linspace(1, 1/N, N)``), mapped through the
@@ -115,8 +118,14 @@ def base_sigmas(percent_to_sigma: Callable[[float], float], base_steps: int, shi
     return sig
 
 
-def custom(percent_to_sigma: Callable[[float], float], base_steps: int = 50, slow_steps: int = 5,
-           slow_stride: int = 2, fast_steps: int = 5, shift_terminal: float = 0.0) -> SlowFastSchedule:
+def custom(
+    percent_to_sigma: Callable[[float], float],
+    base_steps: int = 50,
+    slow_steps: int = 5,
+    slow_stride: int = 2,
+    fast_steps: int = 5,
+    shift_terminal: float = 0.0,
+) -> SlowFastSchedule:
     """Derive a Glance schedule from any flow model's own sampling (see ``glance_indices``)."""
     slow, fast = glance_indices(base_steps, slow_steps, slow_stride, fast_steps)
     sig = base_sigmas(percent_to_sigma, base_steps, shift_terminal)

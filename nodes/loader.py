@@ -32,34 +32,66 @@ class PhaseAwareLoRALoader(io.ComfyNode):
             category=CATEGORY,
             description=(
                 "Applies the Glance Slow LoRA to model evaluations at sigma >= boundary_sigma and the Fast LoRA below "
-                "it, inside ONE run of any sampler. The LoRAs are added at forward time, so switching costs nothing and "
+                "it, inside ONE run of any sampler. The LoRAs are added at forward time, so switching costs nothing "
+                "and "
                 "the base weights are never changed. Official Glance files have no alpha: strength 1.0 reproduces the "
                 "official inference."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The base flow model (FLUX.1 or Qwen-Image, or any flow model)."),
-                io.Combo.Input("slow_lora", options=loras,
-                               tooltip="Slow expert (models/loras, .safetensors): used while sigma >= boundary_sigma "
-                               "(the early, high-noise steps). None = base model there."),
-                io.Combo.Input("fast_lora", options=loras,
-                               tooltip="Fast expert (models/loras, .safetensors): used while sigma < boundary_sigma "
-                               "(the late steps). None = base model there."),
-                io.Float.Input("slow_strength", default=1.0, min=-10.0, max=10.0, step=0.01,
-                               tooltip="Multiplier of the Slow LoRA (1.0 = as stored, 0 = off). Official Glance files "
-                               "carry no alpha, so 1.0 is what the official pipeline used."),
-                io.Float.Input("fast_strength", default=1.0, min=-10.0, max=10.0, step=0.01,
-                               tooltip="Multiplier of the Fast LoRA (1.0 = as stored, 0 = off)."),
-                io.Float.Input("boundary_sigma", default=0.9, min=0.0, max=10.0, step=0.001,
-                               tooltip="Switch point in sigma (0..1 for flow models): evaluations at sigma >= this use "
-                               "Slow, below it Fast. Wire it from Glance Slow/Fast Scheduler. 0 = Slow everywhere; "
-                               "above the first sigma (e.g. 1.01) = Fast everywhere."),
+                io.Combo.Input(
+                    "slow_lora",
+                    options=loras,
+                    tooltip="Slow expert (models/loras, .safetensors): used while sigma >= boundary_sigma "
+                    "(the early, high-noise steps). None = base model there.",
+                ),
+                io.Combo.Input(
+                    "fast_lora",
+                    options=loras,
+                    tooltip="Fast expert (models/loras, .safetensors): used while sigma < boundary_sigma "
+                    "(the late steps). None = base model there.",
+                ),
+                io.Float.Input(
+                    "slow_strength",
+                    default=1.0,
+                    min=-10.0,
+                    max=10.0,
+                    step=0.01,
+                    tooltip="Multiplier of the Slow LoRA (1.0 = as stored, 0 = off). Official Glance files "
+                    "carry no alpha, so 1.0 is what the official pipeline used.",
+                ),
+                io.Float.Input(
+                    "fast_strength",
+                    default=1.0,
+                    min=-10.0,
+                    max=10.0,
+                    step=0.01,
+                    tooltip="Multiplier of the Fast LoRA (1.0 = as stored, 0 = off).",
+                ),
+                io.Float.Input(
+                    "boundary_sigma",
+                    default=0.9,
+                    min=0.0,
+                    max=10.0,
+                    step=0.001,
+                    tooltip="Switch point in sigma (0..1 for flow models): evaluations at sigma >= this use "
+                    "Slow, below it Fast. Wire it from Glance Slow/Fast Scheduler. 0 = Slow everywhere; "
+                    "above the first sigma (e.g. 1.01) = Fast everywhere.",
+                ),
             ],
             outputs=[io.Model.Output(tooltip="The model with both experts, switched by sigma.")],
         )
 
     @classmethod
-    def execute(cls, model, slow_lora: str, fast_lora: str, slow_strength: float = 1.0, fast_strength: float = 1.0,
-                boundary_sigma: float = 0.9) -> io.NodeOutput:
+    def execute(
+        cls,
+        model,
+        slow_lora: str,
+        fast_lora: str,
+        slow_strength: float = 1.0,
+        fast_strength: float = 1.0,
+        boundary_sigma: float = 0.9,
+    ) -> io.NodeOutput:
         require_flow_model(model, "Glance Phase-Aware LoRA Loader")
         slow = _lora_expert(model, slow_lora, slow_strength, "Slow")
         fast = _lora_expert(model, fast_lora, fast_strength, "Fast")

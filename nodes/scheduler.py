@@ -30,42 +30,93 @@ class SlowFastScheduler(io.ComfyNode):
                 "SamplerCustomAdvanced and 'boundary_sigma' into the Phase-Aware LoRA Loader."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The flow model to sample (FLUX.1, Qwen-Image, …). 'custom' reads its "
-                               "model_sampling, so put ModelSamplingFlux/AuraFlow nodes before this one."),
-                io.Combo.Input("preset", options=[*schedules.PRESETS, "custom"], default="glance_flux",
-                               tooltip="glance_qwen_image / glance_flux: the official Glance sigma lists. custom: "
-                               "derived from the model with the settings below (ignored by the presets)."),
-                io.Int.Input("base_steps", default=50, min=2, max=1000,
-                             tooltip="custom: steps of the base schedule the Glance steps are picked from (official: 50)."),
-                io.Int.Input("slow_steps", default=5, min=0, max=100,
-                             tooltip="custom: number of Slow evaluations at the start (official: 5; 0 = Fast only)."),
-                io.Int.Input("slow_stride", default=2, min=1, max=100,
-                             tooltip="custom: Slow evaluations take every n-th base step (official: 2, i.e. base steps 0,2,4,6,8)."),
-                io.Int.Input("fast_steps", default=5, min=0, max=100,
-                             tooltip="custom: number of Fast evaluations, spread evenly over the remaining base steps "
-                             "with the last one kept (official: 5, i.e. base steps 10,20,30,40,49; 0 = Slow only)."),
-                io.Float.Input("shift_terminal", default=0.0, min=0.0, max=0.99, step=0.001,
-                               tooltip="custom: stretch the base schedule so its last sigma equals this (Qwen-Image's "
-                               "diffusers scheduler uses 0.02; FLUX none = 0)."),
+                io.Model.Input(
+                    "model",
+                    tooltip="The flow model to sample (FLUX.1, Qwen-Image, …). 'custom' reads its "
+                    "model_sampling, so put ModelSamplingFlux/AuraFlow nodes before this one.",
+                ),
+                io.Combo.Input(
+                    "preset",
+                    options=[*schedules.PRESETS, "custom"],
+                    default="glance_flux",
+                    tooltip="glance_qwen_image / glance_flux: the official Glance sigma lists. custom: "
+                    "derived from the model with the settings below (ignored by the presets).",
+                ),
+                io.Int.Input(
+                    "base_steps",
+                    default=50,
+                    min=2,
+                    max=1000,
+                    tooltip="custom: steps of the base schedule the Glance steps are picked from (official: 50).",
+                ),
+                io.Int.Input(
+                    "slow_steps",
+                    default=5,
+                    min=0,
+                    max=100,
+                    tooltip="custom: number of Slow evaluations at the start (official: 5; 0 = Fast only).",
+                ),
+                io.Int.Input(
+                    "slow_stride",
+                    default=2,
+                    min=1,
+                    max=100,
+                    tooltip="custom: Slow evaluations take every n-th base step "
+                    "(official: 2, i.e. base steps 0,2,4,6,8).",
+                ),
+                io.Int.Input(
+                    "fast_steps",
+                    default=5,
+                    min=0,
+                    max=100,
+                    tooltip="custom: number of Fast evaluations, spread evenly over the remaining base steps "
+                    "with the last one kept (official: 5, i.e. base steps 10,20,30,40,49; 0 = Slow only).",
+                ),
+                io.Float.Input(
+                    "shift_terminal",
+                    default=0.0,
+                    min=0.0,
+                    max=0.99,
+                    step=0.001,
+                    tooltip="custom: stretch the base schedule so its last sigma equals this (Qwen-Image's "
+                    "diffusers scheduler uses 0.02; FLUX none = 0).",
+                ),
             ],
             outputs=[
                 io.Sigmas.Output("sigmas", display_name="sigmas", tooltip="Descending sigmas ending in 0."),
-                io.Float.Output("boundary_sigma", display_name="boundary_sigma",
-                                tooltip="A sigma between the last Slow and the first Fast step: wire it into the "
-                                "Phase-Aware LoRA Loader."),
+                io.Float.Output(
+                    "boundary_sigma",
+                    display_name="boundary_sigma",
+                    tooltip="A sigma between the last Slow and the first Fast step: wire it into the "
+                    "Phase-Aware LoRA Loader.",
+                ),
             ],
         )
 
     @classmethod
-    def execute(cls, model, preset: str, base_steps: int = 50, slow_steps: int = 5, slow_stride: int = 2,
-                fast_steps: int = 5, shift_terminal: float = 0.0) -> io.NodeOutput:
+    def execute(
+        cls,
+        model,
+        preset: str,
+        base_steps: int = 50,
+        slow_steps: int = 5,
+        slow_stride: int = 2,
+        fast_steps: int = 5,
+        shift_terminal: float = 0.0,
+    ) -> io.NodeOutput:
         ms = require_flow_model(model, "Glance Slow/Fast Scheduler")
         if preset == "custom":
-            sched = schedules.custom(ms.percent_to_sigma, base_steps, slow_steps, slow_stride, fast_steps, shift_terminal)
+            sched = schedules.custom(
+                ms.percent_to_sigma, base_steps, slow_steps, slow_stride, fast_steps, shift_terminal
+            )
         else:
             sched = schedules.preset(preset)
             arch = _PRESET_ARCH[preset]
             if not isinstance(model.model, arch):
-                log.warning("Glance: preset %s was made for %s but the model is %s.", preset, arch.__name__,
-                            type(model.model).__name__)
+                log.warning(
+                    "Glance: preset %s was made for %s but the model is %s.",
+                    preset,
+                    arch.__name__,
+                    type(model.model).__name__,
+                )
         return io.NodeOutput(torch.tensor(sched.sigmas, dtype=torch.float32), sched.boundary)

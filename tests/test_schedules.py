@@ -50,12 +50,15 @@ def test_fewer_steps_schedules():
     assert schedules.glance_indices(50, 2, 2, 2) == ([0, 2], [4, 49])
 
 
-@pytest.mark.parametrize("args,msg", [
-    ((50, 0, 2, 0), "at least one"),
-    ((50, 5, 0, 5), "slow_stride"),
-    ((10, 5, 2, 5), "too few"),
-    ((1, 1, 1, 0), "base_steps"),
-])
+@pytest.mark.parametrize(
+    "args,msg",
+    [
+        ((50, 0, 2, 0), "at least one"),
+        ((50, 5, 0, 5), "slow_stride"),
+        ((10, 5, 2, 5), "too few"),
+        ((1, 1, 1, 0), "base_steps"),
+    ],
+)
 def test_bad_settings_are_named(args, msg):
     with pytest.raises(GlanceError, match=msg):
         schedules.glance_indices(*args)

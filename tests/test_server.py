@@ -1,0 +1,132 @@
+"""Through a real headless ComfyUI server (main.py --cpu on 127.0.0.1): the shipped workflows,
+node registration, errors and interrupts."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
+PACK_NODES = {"SlowFastScheduler", "PhaseAwareLoRALoader", "GlanceQwenNormCFG"}
+
+
+@pytest.fixture(scope="module")
+def server(comfy_nodes, tmp_path_factory):
+    from devtools import tiny_models
+    from devtools.server import ComfyServer
+
+    base = tmp_path_factory.mktemp("comfy")
+    tiny_models.write_workflow_assets(base / "models")
+    srv = ComfyServer(base).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def object_info(server):
+    return server.object_info()
+
+
+def _api(name: str, object_info: dict, size: int = 256) -> dict:
+    from devtools import tiny_models, workflow
+
+    ui = json.loads((REPO / "workflows" / f"{name}.json").read_text())
+    return tiny_models.tiny_prompt(workflow.to_api(ui, object_info), size)
+
+
+def _images(server, entry: dict) -> list[np.ndarray]:
+    out = []
+    for node_out in entry["outputs"].values():
+        for img in node_out.get("images", []):
+            path = server.base / "output" / img["subfolder"] / img["filename"]
+            out.append(np.asarray(Image.open(path)))
+    return out
+
+
+def test_pack_registers_its_nodes_with_tooltips(object_info):
+    assert PACK_NODES <= set(object_info)
+    for node in PACK_NODES:
+        info = object_info[node]
+        assert info["category"] == "Glance" and info["description"]
+        for group in ("required", "optional"):
+            for name, spec in info["input"].get(group, {}).items():
+                assert spec[1].get("tooltip"), f"{node}.{name} has no tooltip"
+
+
+def test_workflows_show_in_template_browser(server):
+    templates = server.get("/workflow_templates")
+    assert sorted(templates["comfyui-glance"]) == sorted(p.stem for p in WORKFLOWS)
+    assert len(WORKFLOWS) >= 3
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_workflow_typechecks_and_runs_on_tiny_models(server, object_info, path):
+    from devtools import workflow
+
+    ui = json.loads(path.read_text())
+    workflow.check_links(ui, object_info)  # every node type exists, every link type-checks
+    entry = server.run(_api(path.stem, object_info), workflow=ui)
+    from devtools.server import error_message
+
+    assert entry["status"]["status_str"] == "success", error_message(entry)
+    images = _images(server, entry)
+    assert images and images[0].shape == (256, 256, 3)
+
+
+def _fails_naming(server, api: dict, *needles: str) -> None:
+    """The prompt is refused at validation (400) or fails at execution, with a message naming ``needles``."""
+    from devtools.server import PromptRejected, error_message
+
+    try:
+        entry = server.run(api)
+    except PromptRejected as rejected:
+        msg = json.dumps(rejected.answer)
+    else:
+        assert entry["status"]["status_str"] == "error"
+        msg = error_message(entry)
+    assert all(n in msg for n in needles), msg
+
+
+def test_bad_input_fails_with_a_clear_message_and_server_keeps_serving(server, object_info):
+    def with_loader(**inputs):
+        api = _api("glance_flux_10step", object_info)
+        next(n for n in api.values() if n["class_type"] == "PhaseAwareLoRALoader")["inputs"].update(inputs)
+        return api
+
+    _fails_naming(
+        server,
+        with_loader(slow_lora="glance_qwen_slow.safetensors"),  # a Qwen-Image LoRA on FLUX
+        "glance_qwen_slow.safetensors",
+        "match no layer",
+    )
+    _fails_naming(server, with_loader(fast_lora="no_such_lora.safetensors"), "no_such_lora.safetensors")
+    _fails_naming(server, with_loader(boundary_sigma=-1.0), "boundary_sigma")
+    assert server.run(_api("glance_flux_10step", object_info))["status"]["status_str"] == "success"
+
+
+def test_interrupt_stops_the_run_and_leaves_the_model_intact(server, object_info):
+    glance = _api("glance_flux_10step", object_info)
+    first = _images(server, server.run(glance))[0]
+    slow = _api("flux_base_50step", object_info, size=768)
+    slow_id = server.queue(slow)
+    deadline = time.time() + 60
+    while time.time() < deadline and not server.get("/queue")["queue_running"]:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    server.post("/interrupt", {})
+    entry = server.wait(slow_id, timeout=120)
+    events = [e for e, _ in entry["status"]["messages"]]
+    assert "execution_interrupted" in events, events
+    # Change the seed so ComfyUI cannot serve a cached result, then back: same pixels as before.
+    noise = next(n for n in glance.values() if n["class_type"] == "RandomNoise")
+    noise["inputs"]["noise_seed"] = 43
+    assert server.run(glance)["status"]["status_str"] == "success"
+    noise["inputs"]["noise_seed"] = 42
+    again = _images(server, server.run(glance))[0]
+    assert np.array_equal(first, again)
