@@ -1,8 +1,13 @@
 """comfyui-glance: Glance Slow/Fast LoRA experts and ArcFlow few-step sampling for ComfyUI.
 
 ComfyUI loads this package from ``custom_nodes/`` and calls ``comfy_entrypoint`` (V3 schema).
+Imported outside ComfyUI (e.g. by test collection) it exposes nothing.
 """
 
-from .nodes import comfy_entrypoint
-
-__all__ = ["comfy_entrypoint"]
+try:
+    from .nodes import comfy_entrypoint
+except ModuleNotFoundError as e:  # not running inside ComfyUI
+    if not (e.name or "").startswith(("comfy", "folder_paths")):
+        raise
+else:
+    __all__ = ["comfy_entrypoint"]

@@ -85,30 +85,50 @@ def main(argv: list[str] | None = None) -> Path:
             img = next(o["images"][0] for o in entry["outputs"].values() if o.get("images"))
             dest = out / "images" / f"{name}.png"
             shutil.copy(base / "output" / img["subfolder"] / img["filename"], dest)
-            results[name] = {"label": label, "first_run_s": round(cold, 3), "median_run_s": round(
-                statistics.median(times), 3), "runs_s": [round(t, 3) for t in times],
-                "median_sampling_s": round(statistics.median(sampling), 3), "image": str(dest.relative_to(out))}
-            print(f"{label}: first {cold:.2f} s, median of {len(times)} warm runs {statistics.median(times):.2f} s, "
-                  f"sampling only {statistics.median(sampling):.2f} s")
+            results[name] = {
+                "label": label,
+                "first_run_s": round(cold, 3),
+                "median_run_s": round(statistics.median(times), 3),
+                "runs_s": [round(t, 3) for t in times],
+                "median_sampling_s": round(statistics.median(sampling), 3),
+                "image": str(dest.relative_to(out)),
+            }
+            print(
+                f"{label}: first {cold:.2f} s, median of {len(times)} warm runs {statistics.median(times):.2f} s, "
+                f"sampling only {statistics.median(sampling):.2f} s"
+            )
 
     speedup = results["flux_base_50step"]["median_run_s"] / results["glance_flux_10step"]["median_run_s"]
-    sampling_speedup = results["flux_base_50step"]["median_sampling_s"] / results["glance_flux_10step"][
-        "median_sampling_s"]
-    report = {"size": args.size, "device": "cpu", "models": "tiny seeded stand-ins (random weights)",
-              "runs": results, "flux_speedup_glance_vs_base": round(speedup, 2),
-              "flux_sampling_speedup_glance_vs_base": round(sampling_speedup, 2)}
+    sampling_speedup = (
+        results["flux_base_50step"]["median_sampling_s"] / results["glance_flux_10step"]["median_sampling_s"]
+    )
+    report = {
+        "size": args.size,
+        "device": "cpu",
+        "models": "tiny seeded stand-ins (random weights)",
+        "runs": results,
+        "flux_speedup_glance_vs_base": round(speedup, 2),
+        "flux_sampling_speedup_glance_vs_base": round(sampling_speedup, 2),
+    }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     _sheet(out, [n for n, _ in RUNS])
     lines = [
-        "# comfyui-glance demo run", "",
+        "# comfyui-glance demo run",
+        "",
         f"Real headless ComfyUI (CPU) with the pack; shipped workflows at {args.size}² on tiny seeded stand-in "
-        "models (random weights, so the images are patterns, not pictures).", "",
-        "| workflow | first run (s) | median warm run (s) | median sampling only (s) |", "|---|---|---|---|",
-        *[f"| {r['label']} | {r['first_run_s']} | {r['median_run_s']} | {r['median_sampling_s']} |"
-          for r in results.values()], "",
+        "models (random weights, so the images are patterns, not pictures).",
+        "",
+        "| workflow | first run (s) | median warm run (s) | median sampling only (s) |",
+        "|---|---|---|---|",
+        *[
+            f"| {r['label']} | {r['first_run_s']} | {r['median_run_s']} | {r['median_sampling_s']} |"
+            for r in results.values()
+        ],
+        "",
         f"Speedup, Glance FLUX 10 steps vs base 50 steps: **{sampling_speedup:.2f}×** in sampling, "
         f"{speedup:.2f}× for the whole prompt (incl. VAE decode and saving).",
-        "", "Side-by-side: sheet.png",
+        "",
+        "Side-by-side: sheet.png",
     ]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     print(f"\nImages: {out / 'images'}\nSheet:  {out / 'sheet.png'}\nReport: {out / 'report.md'}")
