@@ -68,8 +68,8 @@ def seeded_state_dict(shapes: dict[str, torch.Size], seed: int) -> dict[str, tor
     return sd
 
 
-def model_shapes(arch: str) -> dict[str, torch.Size]:
-    mc = _config_class(arch)(dict(CONFIGS[arch]))
+def model_shapes(arch: str, config: dict | None = None) -> dict[str, torch.Size]:
+    mc = _config_class(arch)(dict(config or CONFIGS[arch]))
     mc.set_inference_dtype(torch.float32, None)
     model = mc.get_model({})  # tiny: allocating empty tensors costs nothing
     return {k: v.shape for k, v in model.diffusion_model.state_dict().items()}
@@ -146,10 +146,10 @@ def _factor(seed: int, name: str, shape: tuple[int, ...], std: float) -> torch.T
     return std * torch.randn(shape, generator=g)
 
 
-def diffusers_linear_shapes(arch: str) -> dict[str, tuple[int, int]]:
+def diffusers_linear_shapes(arch: str, config: dict | None = None) -> dict[str, tuple[int, int]]:
     """diffusers module name → (out, in) for the tiny model (the names official LoRAs use)."""
-    cfg = CONFIGS[arch]
-    shapes = model_shapes(arch)
+    cfg = config or CONFIGS[arch]
+    shapes = model_shapes(arch, cfg)
     if arch == "qwen_image":
         return {k[: -len(".weight")]: (v[0], v[1]) for k, v in shapes.items() if k.endswith(".weight") and len(v) == 2}
     import comfy.utils
@@ -166,14 +166,15 @@ def diffusers_linear_shapes(arch: str) -> dict[str, tuple[int, int]]:
     return out
 
 
-def glance_lora(arch: str, seed: int, rank: int = 4, std: float = 0.5) -> dict[str, torch.Tensor]:
+def glance_lora(arch: str, seed: int, rank: int = 4, std: float = 0.5, config: dict | None = None
+                ) -> dict[str, torch.Tensor]:
     """An official-Glance-layout LoRA (reference glance.md §4): ``transformer.`` prefix, diffusers
     names, ``lora.down/up`` on attention projections and ``lora_A/lora_B`` elsewhere, no alpha."""
-    shapes = diffusers_linear_shapes(arch)
+    cfg = config or CONFIGS[arch]
+    shapes = diffusers_linear_shapes(arch, cfg)
     if arch == "qwen_image":
-        names = [f"transformer_blocks.{i}.{t}" for i in range(CONFIGS[arch]["num_layers"]) for t in GLANCE_QWEN_TARGETS]
+        names = [f"transformer_blocks.{i}.{t}" for i in range(cfg["num_layers"]) for t in GLANCE_QWEN_TARGETS]
     else:
-        cfg = CONFIGS[arch]
         names = [f"transformer_blocks.{i}.{t}" for i in range(cfg["depth"]) for t in GLANCE_FLUX_DOUBLE]
         names += [
             f"single_transformer_blocks.{i}.{t}" for i in range(cfg["depth_single_blocks"]) for t in GLANCE_FLUX_SINGLE
