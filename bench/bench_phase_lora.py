@@ -29,9 +29,23 @@ import torch
 
 from devtools import comfy_env, tiny_models
 
-FLUX_DEV = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096,
-                hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=19, depth_single_blocks=38,
-                axes_dim=[16, 56, 56], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True)
+FLUX_DEV = dict(
+    image_model="flux",
+    in_channels=16,
+    out_channels=16,
+    vec_in_dim=768,
+    context_in_dim=4096,
+    hidden_size=3072,
+    mlp_ratio=4.0,
+    num_heads=24,
+    depth=19,
+    depth_single_blocks=38,
+    axes_dim=[16, 56, 56],
+    theta=10000,
+    patch_size=2,
+    qkv_bias=True,
+    guidance_embed=True,
+)
 
 
 def _sync(device: str) -> None:
@@ -58,8 +72,9 @@ def build_model(cfg: dict, device: str, dtype: torch.dtype, seed: int = 0):
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, 0.02, generator=g)
-    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device(device),
-                                            offload_device=mm.unet_offload_device())
+    return comfy.model_patcher.ModelPatcher(
+        model, load_device=torch.device(device), offload_device=mm.unet_offload_device()
+    )
 
 
 def conditioning(cfg: dict, seq: int, device: str, seed: int = 1):
@@ -84,8 +99,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--full", action="store_true", help="full-size FLUX.1-dev architecture, bf16, 1024²")
     ap.add_argument("--size", type=int, default=None, help="image size in pixels (default 512, --full 1024)")
-    ap.add_argument("--rank", type=int, default=None,
-                    help="LoRA rank (default: the official FLUX rank 16 scaled to the width: 16·hidden/3072)")
+    ap.add_argument(
+        "--rank",
+        type=int,
+        default=None,
+        help="LoRA rank (default: the official FLUX rank 16 scaled to the width: 16·hidden/3072)",
+    )
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", type=str, default=None)
     args = ap.parse_args(argv)
@@ -143,8 +162,9 @@ def main(argv: list[str] | None = None) -> dict:
     euler = comfy.samplers.sampler_object("euler")
 
     def run(m, sig, cond, lat, n, add_noise=True):
-        return comfy.sample.sample_custom(m, n if add_noise else torch.zeros_like(n), 1.0, euler, sig, cond, [],
-                                          lat, disable_pbar=True, seed=0)
+        return comfy.sample.sample_custom(
+            m, n if add_noise else torch.zeros_like(n), 1.0, euler, sig, cond, [], lat, disable_pbar=True, seed=0
+        )
 
     def v_plain():
         return run(model, sigmas, pos, latent, noise)
@@ -174,8 +194,9 @@ def main(argv: list[str] | None = None) -> dict:
     mm.load_models_gpu([model])
     x = noise.to(args.device, dtype) * 1.0
     s = torch.full((1,), 0.9, device=args.device)
-    c = model.model.extra_conds(cross_attn=pos[0][0].to(args.device), pooled_output=pos[0][1]["pooled_output"],
-                                guidance=3.5, noise=x)
+    c = model.model.extra_conds(
+        cross_attn=pos[0][0].to(args.device), pooled_output=pos[0][1]["pooled_output"], guidance=3.5, noise=x
+    )
     kw = {k: v.cond.to(args.device) if hasattr(v, "cond") else v for k, v in c.items()}
     kw.pop("c_crossattn", None)
     evals = []
@@ -197,10 +218,14 @@ def main(argv: list[str] | None = None) -> dict:
     med = {k: statistics.median(v) for k, v in times.items()}
     ev = statistics.median(evals[1:])
     result = {
-        "device": args.device, "torch": torch.__version__,
+        "device": args.device,
+        "torch": torch.__version__,
         "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
-        "config": "FLUX.1-dev (random weights)" if args.full else "tiny FLUX", "dtype": str(dtype), "size": size,
-        "lora_rank": args.rank, "repeats": args.repeats,
+        "config": "FLUX.1-dev (random weights)" if args.full else "tiny FLUX",
+        "dtype": str(dtype),
+        "size": size,
+        "lora_rank": args.rank,
+        "repeats": args.repeats,
         "median_s": {k: round(v, 5) for k, v in med.items()},
         "ratio_glance_over_plain": round(med["glance"] / med["plain"], 4),
         "ratio_glance_over_two_stage": round(med["glance"] / med["two_stage"], 4),
@@ -215,17 +240,24 @@ def main(argv: list[str] | None = None) -> dict:
             "hooks (extra time)": (med["hooks"] - med["plain"]) / ev,
         },
         "max_abs_diff_vs_two_stage": {
-            k: float((outputs[k].float() - outputs["two_stage"].float()).abs().max()) for k in ("glance", "hooks")},
+            k: float((outputs[k].float() - outputs["two_stage"].float()).abs().max()) for k in ("glance", "hooks")
+        },
     }
-    print(f"{result['config']} on {args.device} {result['gpu'] or ''}, {size}², rank {args.rank}, "
-          f"{args.repeats} repeats (median wall time of 10 evaluations):")
+    print(
+        f"{result['config']} on {args.device} {result['gpu'] or ''}, {size}², rank {args.rank}, "
+        f"{args.repeats} repeats (median wall time of 10 evaluations):"
+    )
     for k, v in med.items():
         print(f"  {k:10s} {v * 1000:9.2f} ms   ×{v / med['plain']:.3f} of plain")
     print(f"  one evaluation {ev * 1000:.2f} ms; the gate (switch) {gate * 1e6:.1f} µs = {gate / ev:.2e} evaluations")
-    print(f"  glance / plain = {result['ratio_glance_over_plain']:.3f}, glance / two-stage = "
-          f"{result['ratio_glance_over_two_stage']:.3f}, glance / hooks = {result['ratio_glance_over_hooks']:.3f}")
-    print(f"  max |glance − two-stage| = {result['max_abs_diff_vs_two_stage']['glance']:.3g}, "
-          f"max |hooks − two-stage| = {result['max_abs_diff_vs_two_stage']['hooks']:.3g}")
+    print(
+        f"  glance / plain = {result['ratio_glance_over_plain']:.3f}, glance / two-stage = "
+        f"{result['ratio_glance_over_two_stage']:.3f}, glance / hooks = {result['ratio_glance_over_hooks']:.3f}"
+    )
+    print(
+        f"  max |glance − two-stage| = {result['max_abs_diff_vs_two_stage']['glance']:.3g}, "
+        f"max |hooks − two-stage| = {result['max_abs_diff_vs_two_stage']['hooks']:.3g}"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return result

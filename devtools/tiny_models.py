@@ -166,8 +166,9 @@ def diffusers_linear_shapes(arch: str, config: dict | None = None) -> dict[str, 
     return out
 
 
-def glance_lora(arch: str, seed: int, rank: int = 4, std: float = 0.5, config: dict | None = None
-                ) -> dict[str, torch.Tensor]:
+def glance_lora(
+    arch: str, seed: int, rank: int = 4, std: float = 0.5, config: dict | None = None
+) -> dict[str, torch.Tensor]:
     """An official-Glance-layout LoRA (reference glance.md §4): ``transformer.`` prefix, diffusers
     names, ``lora.down/up`` on attention projections and ``lora_A/lora_B`` elsewhere, no alpha."""
     cfg = config or CONFIGS[arch]

@@ -5,11 +5,12 @@ from comfy_api.latest import ComfyExtension, io
 from .guidance import QwenNormCFG
 from .loader import PhaseAwareLoRALoader
 from .scheduler import SlowFastScheduler
+from .trainer import OneShotTrainer
 
 
 class GlanceExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [SlowFastScheduler, PhaseAwareLoRALoader, QwenNormCFG]
+        return [SlowFastScheduler, PhaseAwareLoRALoader, QwenNormCFG, OneShotTrainer]
 
 
 async def comfy_entrypoint() -> GlanceExtension:

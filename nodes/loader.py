@@ -11,10 +11,12 @@ from .common import CATEGORY, require_flow_model
 NONE = "None"
 
 
-def _lora_expert(model, name: str, strength: float, role: str):
-    if name == NONE or strength == 0.0:
+def _lora_expert(model, name: str, strength: float, role: str, lora_model: dict | None = None):
+    if strength == 0.0 or (not lora_model and name == NONE):
         return None
     try:
+        if lora_model:  # a LORA_MODEL wired in (e.g. from the One-Shot Trainer): no file involved
+            return experts.build_expert(model, lora_model, strength, f"{role.lower()}_lora_model")
         path = lora_files.resolve_in_folder("loras", name)
         sd, metadata = lora_files.load_safetensors(path)
         return experts.build_expert(model, sd, strength, name, metadata)
@@ -78,6 +80,17 @@ class PhaseAwareLoRALoader(io.ComfyNode):
                     "Slow, below it Fast. Wire it from Glance Slow/Fast Scheduler. 0 = Slow everywhere; "
                     "above the first sigma (e.g. 1.01) = Fast everywhere.",
                 ),
+                io.LoraModel.Input(
+                    "slow_lora_model",
+                    optional=True,
+                    tooltip="A Slow LoRA from another node (e.g. the One-Shot Trainer's slow_lora); when "
+                    "connected it is used instead of slow_lora.",
+                ),
+                io.LoraModel.Input(
+                    "fast_lora_model",
+                    optional=True,
+                    tooltip="A Fast LoRA from another node; when connected it is used instead of fast_lora.",
+                ),
             ],
             outputs=[io.Model.Output(tooltip="The model with both experts, switched by sigma.")],
         )
@@ -91,8 +104,10 @@ class PhaseAwareLoRALoader(io.ComfyNode):
         slow_strength: float = 1.0,
         fast_strength: float = 1.0,
         boundary_sigma: float = 0.9,
+        slow_lora_model: dict | None = None,
+        fast_lora_model: dict | None = None,
     ) -> io.NodeOutput:
         require_flow_model(model, "Glance Phase-Aware LoRA Loader")
-        slow = _lora_expert(model, slow_lora, slow_strength, "Slow")
-        fast = _lora_expert(model, fast_lora, fast_strength, "Fast")
+        slow = _lora_expert(model, slow_lora, slow_strength, "Slow", slow_lora_model)
+        fast = _lora_expert(model, fast_lora, fast_strength, "Fast", fast_lora_model)
         return io.NodeOutput(experts.apply_phase_lora(model, slow, fast, boundary_sigma))

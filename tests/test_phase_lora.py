@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from tests_helpers import sample
 
 ARCHS = ["flux", "qwen_image"]
 PRESET = {"flux": "glance_flux", "qwen_image": "glance_qwen_image"}
@@ -14,15 +15,6 @@ PRESET = {"flux": "glance_flux", "qwen_image": "glance_qwen_image"}
 # --- helpers: stock ComfyUI nodes, called as the executor would -------------------------------
 def _n(comfy_nodes, name):
     return comfy_nodes.NODE_CLASS_MAPPINGS[name]
-
-
-def sample(comfy_nodes, model, sigmas, pos, neg, latent, cfg=3.0, seed=0, add_noise=True, sampler="euler"):
-    N = lambda name: _n(comfy_nodes, name)  # noqa: E731
-    noise = N("RandomNoise").execute(seed).args[0] if add_noise else N("DisableNoise").execute().args[0]
-    guider = N("CFGGuider").execute(model, pos, neg, cfg).args[0]
-    sampler_obj = N("KSamplerSelect").execute(sampler).args[0]
-    out = N("SamplerCustomAdvanced").execute(noise, guider, sampler_obj, sigmas, {"samples": latent}).args[0]
-    return out["samples"]
 
 
 def stock_lora(comfy_nodes, model, name, strength=1.0):

@@ -1,0 +1,293 @@
+"""OneShotTrainer in real ComfyUI (tiny FLUX / Qwen-Image, CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from tests_helpers import sample
+
+from glance_core import schedules
+
+FLUX = list(schedules.PRESETS["glance_flux"])
+
+
+def _n(comfy_nodes, name):
+    return comfy_nodes.NODE_CLASS_MAPPINGS[name]
+
+
+@pytest.fixture(scope="module")
+def photo():
+    """scikit-image's astronaut (a real photograph, bundled in the wheel) as a ComfyUI IMAGE."""
+    from skimage import data
+
+    return torch.from_numpy(data.astronaut().astype(np.float32) / 255.0)[None]
+
+
+@pytest.fixture
+def flux(comfy_nodes, tiny):
+    import comfy.sd
+
+    with torch.inference_mode():  # as ComfyUI's executor loads models
+        model = tiny.build("flux", 0)
+        vae = comfy.sd.VAE(sd=tiny.tiny_vae_state_dict("flux", 0))
+    return model, vae
+
+
+def train(comfy_nodes, model, positive, **kw):
+    args = dict(
+        objective="official",
+        expert="both",
+        steps=6,
+        rank=4,
+        alpha=4.0,
+        learning_rate=1e-3,
+        seed=0,
+        target_layers="official",
+        batch=1,
+        resolution=64,
+    )
+    args.update(kw)
+    with torch.inference_mode():
+        return _n(comfy_nodes, "OneShotTrainer").execute(model, positive, **args).args
+
+
+def record_sigmas(model):
+    """A clone of ``model`` whose evaluations append their sigma to the returned list."""
+    import comfy.patcher_extension as pe
+
+    seen: list[float] = []
+
+    def wrapper(executor, x, t, *args, **kwargs):
+        seen.extend(float(s) for s in t.flatten().unique())
+        return executor(x, t, *args, **kwargs)
+
+    m = model.clone()
+    m.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, "test_record", wrapper)
+    return m, seen
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.model.state_dict().items()}
+
+
+def test_official_loss_falls_on_a_real_photo(comfy_nodes, tiny, flux, photo):
+    model, vae = flux
+    pos = tiny.conditioning("flux", 1)
+    slow, fast, _, curve = train(comfy_nodes, model, pos, image=photo, vae=vae, steps=60, learning_rate=2e-3, batch=4)
+    assert curve.shape[0] == 1 and curve.shape[-1] == 3
+    assert slow and fast and all(torch.isfinite(v).all() for v in slow.values())
+
+
+def test_loss_curve_and_loss_fall(comfy_nodes, glance, tiny, flux, photo):
+    import importlib
+
+    training = importlib.import_module(glance.__name__ + ".glance_core.training")
+    model, vae = flux
+    with torch.inference_mode():
+        x0 = vae.encode(photo[:, ::8, ::8, :3])
+    job = training.ExpertJob("fast", FLUX[5:10], FLUX[6:11])
+    res = training.train_expert(
+        model,
+        job,
+        objective="official",
+        positive=tiny.conditioning("flux", 1),
+        negative=None,
+        cfg=1.0,
+        rank=4,
+        alpha=4.0,
+        lr=2e-3,
+        steps=80,
+        seed=0,
+        targets="official",
+        batch=4,
+        x0=x0,
+    )
+    first, last = np.mean(res.losses[:15]), np.mean(res.losses[-15:])
+    assert last < 0.9 * first, (first, last)
+
+
+@pytest.mark.parametrize("expert", ["slow", "fast"])
+def test_only_the_experts_timesteps_are_drawn(comfy_nodes, tiny, flux, photo, expert):
+    model, vae = flux
+    rec, seen = record_sigmas(model)
+    train(comfy_nodes, rec, tiny.conditioning("flux", 1), image=photo, vae=vae, expert=expert, steps=12)
+    allowed = FLUX[:5] if expert == "slow" else FLUX[5:10]
+    assert seen and {round(s, 5) for s in seen} <= {round(s, 5) for s in allowed}
+    assert len({round(s, 5) for s in seen}) >= 3
+
+
+def test_same_seed_same_lora_bit_for_bit(comfy_nodes, tiny, flux, photo):
+    model, vae = flux
+    pos = tiny.conditioning("flux", 1)
+    a = train(comfy_nodes, model, pos, image=photo, vae=vae, seed=3)
+    b = train(comfy_nodes, model, pos, image=photo, vae=vae, seed=3)
+    c = train(comfy_nodes, model, pos, image=photo, vae=vae, seed=4)
+    for i in (0, 1):
+        assert a[i].keys() == b[i].keys()
+        assert all(torch.equal(a[i][k], b[i][k]) for k in a[i])
+        assert any(not torch.equal(a[i][k], c[i][k]) for k in a[i])
+
+
+def test_saved_files_reload_identically_everywhere(comfy_nodes, tiny, flux, photo, loras_dir):
+    model, vae = flux
+    pos, neg = tiny.conditioning("flux", 1), tiny.conditioning("flux", 2)
+    slow, fast, trained, _ = train(comfy_nodes, model, pos, image=photo, vae=vae, save_name="astro")
+    files = sorted(p.name for p in loras_dir.iterdir())
+    assert files == ["astro_fast.safetensors", "astro_slow.safetensors"]
+    with safe_open(str(loras_dir / "astro_slow.safetensors"), "pt") as f:
+        meta = f.metadata()
+        keys = list(f.keys())
+    assert meta["glance.expert"] == "slow" and meta["glance.base_arch"] == "flux"
+    assert meta["glance.rank"] == "4" and float(meta["glance.alpha"]) == 4.0 and meta["glance.steps"] == "6"
+    assert json.loads(meta["glance.timesteps"]) == [round(s, 6) for s in FLUX[:5]]
+    assert len(meta["glance.source_image_sha256"]) == 64 and "strength 1.0" in meta["glance.scale_convention"]
+    assert all(k.startswith("transformer.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
+
+    sig = torch.tensor(FLUX)
+    lat = tiny.latent("flux", 64, 64)
+
+    def run(m, sigmas=sig):
+        return sample(comfy_nodes, m, sigmas, pos, neg, lat)
+
+    in_graph = run(trained)
+    loader = _n(comfy_nodes, "PhaseAwareLoRALoader")
+    boundary = schedules.preset("glance_flux").boundary
+    from_files = loader.execute(model, "astro_slow.safetensors", "astro_fast.safetensors", 1.0, 1.0, boundary).args[0]
+    from_wires = loader.execute(model, "None", "None", 1.0, 1.0, boundary, slow, fast).args[0]
+    assert torch.equal(run(from_files), in_graph)
+    assert torch.equal(run(from_wires), in_graph)
+    # Stock LoraLoaderModelOnly: the Slow file over the Slow half, the Fast file over the Fast half.
+    stock = _n(comfy_nodes, "LoraLoaderModelOnly")()
+    high, low = _n(comfy_nodes, "SplitSigmas").execute(sig, 5).args
+
+    half = sample(comfy_nodes, stock.load_lora_model_only(model, "astro_slow.safetensors", 1.0)[0], high, pos, neg, lat)
+    full = sample(
+        comfy_nodes,
+        stock.load_lora_model_only(model, "astro_fast.safetensors", 1.0)[0],
+        low,
+        pos,
+        neg,
+        half,
+        add_noise=False,
+    )
+    assert float((full - in_graph).abs().max()) <= 1e-5 * max(1.0, float(in_graph.abs().max()))
+    assert not torch.equal(in_graph, run(model)), "training changed the model's output"
+
+    with pytest.raises(ValueError, match="already exists"):
+        train(comfy_nodes, model, pos, image=photo, vae=vae, save_name="astro")
+    train(comfy_nodes, model, pos, image=photo, vae=vae, save_name="astro", overwrite=True, seed=9)
+    assert sorted(p.name for p in loras_dir.iterdir()) == files, "atomic writes leave no temporary file"
+
+
+def test_interrupt_stops_promptly_keeps_the_model_and_writes_nothing(comfy_nodes, tiny, flux, photo, loras_dir):
+    import comfy.model_management as mm
+    import comfy.patcher_extension as pe
+
+    model, vae = flux
+    state = _state(model)
+    calls = [0]
+
+    def interrupt_after_5(executor, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 5:
+            mm.interrupt_current_processing(True)
+        return executor(*args, **kwargs)
+
+    m = model.clone()
+    m.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, "test_interrupt", interrupt_after_5)
+    with pytest.raises(mm.InterruptProcessingException):
+        train(comfy_nodes, m, tiny.conditioning("flux", 1), image=photo, vae=vae, steps=200, save_name="stopped")
+    assert calls[0] <= 6, "training stopped at the next step"
+    assert not any(loras_dir.iterdir())
+    mm.unload_all_models()
+    assert all(torch.equal(v, state[k]) for k, v in model.model.state_dict().items())
+    assert all(not mod._forward_hooks for mod in model.model.modules())
+
+
+def test_bad_inputs_are_named(comfy_nodes, tiny, flux, photo):
+    import comfy.sd
+    from comfy.taesd.taesd import TAESD
+
+    model, vae = flux
+    pos = tiny.conditioning("flux", 1)
+    state = _state(model)
+    with torch.inference_mode():
+        sd4 = {k: v for k, v in TAESD(latent_channels=4).state_dict().items()}
+        vae4 = comfy.sd.VAE(sd=tiny.seeded_state_dict({k: v.shape for k, v in sd4.items()}, 0))
+    eps = _n(comfy_nodes, "ModelSamplingDiscrete")().patch(model, "eps", False)[0]
+    cases = [
+        (dict(image=photo.repeat(2, 1, 1, 1), vae=vae), "ONE image; got a batch of 2"),
+        (dict(image=torch.cat([photo, photo[..., :1]], -1), vae=vae), "alpha channel"),
+        (dict(image=photo[..., :1], vae=vae), "1 channel.*greyscale"),
+        (dict(image=photo[:, :40, :40], vae=vae), "too small"),
+        (dict(image=photo, vae=vae4), "4-channel latents but the model expects 16"),
+        (dict(), "trains on an image: connect an IMAGE"),
+        (dict(image=photo, vae=vae, learning_rate=1e12, steps=30), "diverged.*learning rate.*Nothing was saved"),
+    ]
+    for kw, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            train(comfy_nodes, model, pos, **kw)
+    with pytest.raises(ValueError, match="flow-matching model"):
+        train(comfy_nodes, eps, pos, image=photo, vae=vae)
+    assert all(torch.equal(v, state[k]) for k, v in model.model.state_dict().items())
+
+
+def test_gradients_through_inplace_blocks_match_finite_differences(comfy_nodes, glance, tiny):
+    """ComfyUI's FLUX blocks add residuals in place; the block checkpoint must still give exact gradients."""
+    import importlib
+
+    import comfy.patcher_extension as pe
+    import comfy.samplers
+
+    training = importlib.import_module(glance.__name__ + ".glance_core.training")
+    model = tiny.build("flux", 0)
+    gen = torch.Generator().manual_seed(0)
+    lora = training.TrainableLoRA(model, "official", 2, 2.0, gen)
+    for t in lora.targets:
+        t.B.data.normal_(0, 0.1, generator=gen)
+    student = model.clone()
+    student.set_injections("t", [pe.PatcherInjection(inject=lora.inject, eject=lora.eject)])
+    training.block_patches(student, lora.parameters())
+    guider = comfy.samplers.CFGGuider(student)
+    guider.set_conds(tiny.conditioning("flux", 1), [])
+    guider.set_cfg(1.0)
+    x = torch.randn(1, 16, 4, 4, generator=gen)
+    losses = []
+
+    def loss_fn(model_wrap, extra_args, latent):
+        den = model_wrap(x, torch.full((1,), 0.7), **extra_args)
+        loss = (den**2).mean()
+        losses.append(loss)
+        return latent
+
+    def loss(grad: bool) -> torch.Tensor:
+        with torch.enable_grad() if grad else torch.no_grad():
+            guider.sample(
+                torch.zeros_like(x),
+                torch.zeros_like(x),
+                training._OneStep(loss_fn).sampler,
+                torch.tensor([1.0, 0.0]),
+                disable_pbar=True,
+                seed=0,
+            )
+        return losses[-1]
+
+    lora.enabled = True
+    loss(True).backward()
+    for t in (lora.targets[0], lora.targets[-1]):  # first double block and last single block
+        direction = torch.randn(t.A.shape, generator=gen)
+        analytic = float((t.A.grad * direction).sum())
+        h = 1e-2
+        with torch.no_grad():
+            t.A += h * direction
+            up = float(loss(False))
+            t.A -= 2 * h * direction
+            down = float(loss(False))
+            t.A += h * direction
+        numeric = (up - down) / (2 * h)
+        assert abs(analytic - numeric) <= 2e-2 * abs(numeric) + 1e-6, (t.name, analytic, numeric)
+    lora.enabled = False
