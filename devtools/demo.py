@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> Path:
     comfy_env.import_comfy()  # tiny models are built with ComfyUI's own classes
     base = out / "comfyui"
     tiny_models.write_workflow_assets(base / "models")
+    tiny_models.write_example_image(base / "input")
     results = {}
     with ComfyServer(base) as srv:
         info = srv.object_info()

@@ -247,7 +247,86 @@ def glance_qwen() -> Graph:
     return g
 
 
+def glance_train_flux() -> Graph:
+    g = Graph()
+    unet, vae, cond = _flux_loaders(g)
+    image = g.add(Node(9, "LoadImage", (X[0], 760), {"image": "example.png"}, size=(340, 360)))
+    sched = g.add(
+        Node(
+            6,
+            "SlowFastScheduler",
+            (X[1], 0),
+            {
+                "preset": "glance_flux",
+                "base_steps": 50,
+                "slow_steps": 5,
+                "slow_stride": 2,
+                "fast_steps": 5,
+                "shift_terminal": 0.0,
+            },
+            size=(340, 230),
+        )
+    )
+    g.link(unet, 0, sched, "model")
+    trainer = g.add(
+        Node(
+            10,
+            "OneShotTrainer",
+            (X[2], 0),
+            {
+                "objective": "official",
+                "expert": "both",
+                "steps": 60,
+                "rank": 0,
+                "alpha": 0.0,
+                "learning_rate": 0.0,
+                "seed": 0,
+                "target_layers": "official",
+                "batch": 1,
+                "resolution": 1024,
+                "boundary_sigma": 0.9,
+                "cfg": 1.0,
+                "noises": 8,
+                "teacher_steps": 50,
+                "captions": "",
+                "save_name": "",
+                "overwrite": False,
+            },
+            size=(380, 620),
+        )
+    )
+    g.link(unet, 0, trainer, "model")
+    g.link(cond, 0, trainer, "positive")
+    g.link(image, 0, trainer, "image")
+    g.link(vae, 0, trainer, "vae")
+    g.link(sched, 0, trainer, "sigmas")
+    g.link(sched, 1, trainer, "boundary_sigma")
+    curve = g.add(Node(11, "PreviewImage", (X[2], 680), size=(380, 300), title="Loss curve"))
+    g.link(trainer, 3, curve, "images")
+    guider = g.add(Node(8, "BasicGuider", (X[3] - 180, 680), size=(240, 50)))
+    g.link(trainer, 2, guider, "model")
+    g.link(cond, 0, guider, "conditioning")
+    _sampling_tail(g, guider, (sched, 0), vae, "glance_flux_oneshot", X[3])
+    g.add(
+        Node(
+            30,
+            "Note",
+            (X[0], 1160),
+            size=(340, 300),
+            text=(
+                "Train the Glance Slow and Fast LoRAs from ONE image, then sample with them in 10 steps.\n\n"
+                "Load your image, describe it in the prompt, queue. The One-Shot Trainer trains both experts on the model "
+                "already loaded (official recipe: 60 steps each) and outputs the model with them applied; the loss curve "
+                "shows in the preview. Set save_name to keep the LoRAs in models/loras. Try objective 'trajectory' "
+                "(no image needed; add captions, one per line, with the clip input) for better few-step fidelity."
+            ),
+        )
+    )
+    return g
+
+
 WORKFLOW_BUILDERS = {
+    "glance_flux_train_one_image": glance_train_flux,
     "glance_flux_10step": glance_flux,
     "glance_qwen_image_10step": glance_qwen,
     "flux_base_50step": flux_base,

@@ -290,6 +290,18 @@ def write_workflow_assets(models_dir: Path, lora_std: float = 0.05) -> None:
             save_file(tiny_vae_state_dict(arch, seed), str(path))
 
 
+def write_example_image(input_dir: Path, name: str = "example.png") -> Path:
+    """A real photograph (scikit-image's astronaut, bundled in its wheel) as the workflows' input image."""
+    from PIL import Image
+    from skimage import data
+
+    path = Path(input_dir) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        Image.fromarray(data.astronaut()).save(path)
+    return path
+
+
 def tiny_prompt(api: dict, size: int = 256) -> dict:
     """The API prompt of a shipped workflow, made runnable on the tiny stand-ins: text encoders
     (gigabytes) become the testkit's seeded encoder, and the image size shrinks to ``size``."""
@@ -307,4 +319,6 @@ def tiny_prompt(api: dict, size: int = 256) -> dict:
             node["inputs"] = {"text": node["inputs"]["text"], "arch": arch}
         if node["class_type"] in ("EmptySD3LatentImage", "EmptyLatentImage"):
             node["inputs"].update(width=size, height=size)
+        if node["class_type"] == "OneShotTrainer":
+            node["inputs"].update(resolution=min(size, 128))
     return api

@@ -17,7 +17,7 @@ def loss_curve(series: dict[str, list[float]], title: str = "", size: tuple[int,
     left, right, top, bottom = 70, 20, 40, 50
     img = Image.new("RGB", size, (255, 255, 255))
     d = ImageDraw.Draw(img)
-    d.text((left, 12), title[:110], fill=(0, 0, 0))
+    d.text((left, 12), _ascii(title)[:110], fill=(0, 0, 0))
     values = [v for s in series.values() for v in s if math.isfinite(v) and v > 0]
     n = max((len(s) for s in series.values()), default=0)
     d.rectangle((left, top, w - right, h - bottom), outline=(120, 120, 120))
@@ -47,6 +47,13 @@ def loss_curve(series: dict[str, list[float]], title: str = "", size: tuple[int,
         last = f"{losses[-1]:.4g}" if losses else "-"
         d.text((w - right - 220, top + 8 + 16 * c), f"{name}: last {last}", fill=color)
     return _tensor(img)
+
+
+def _ascii(text: str) -> str:
+    """PIL's built-in font has no glyphs beyond ASCII."""
+    for a, b in (("—", "-"), ("×", "x"), ("→", "->"), ("²", "^2")):
+        text = text.replace(a, b)
+    return text.encode("ascii", "replace").decode()
 
 
 def _tensor(img: Image.Image) -> torch.Tensor:

@@ -496,7 +496,9 @@ def teacher_trajectories(
 def _teacher_trajectories(model_patcher, captions, cfg, noises, seed, latent_shape, grid, keep, on_step) -> dict:
     import comfy.samplers
 
-    keep_set = {float(s) for s in keep}
+    # Grid index → Glance sigma (the grid holds the exact Glance values; compare by index, not by float32 value).
+    at = {i: s for i, s in enumerate(grid) if any(abs(s - k) < 1e-9 for k in keep)}
+    keep_set = set(at.values())
     out = {"captions": []}
     for c, (pos, neg) in enumerate(captions):
         record: dict[float, torch.Tensor] = {}
@@ -505,14 +507,14 @@ def _teacher_trajectories(model_patcher, captions, cfg, noises, seed, latent_sha
             extra_args = extra_args or {}
             s_in = x.new_ones([x.shape[0]])
             for i in range(len(sigmas) - 1):
-                s = float(sigmas[i])
-                if s in keep_set:
-                    record[s] = x.detach().clone()
+                if i in at:
+                    record[at[i]] = x.detach().clone()
                 den = model(x, sigmas[i] * s_in, **extra_args)
                 x = x + (x - den) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
                 if on_step:
                     on_step()
-            record[float(sigmas[-1])] = x.detach().clone()
+            if len(sigmas) - 1 in at:
+                record[at[len(sigmas) - 1]] = x.detach().clone()
             return x
 
         guider = comfy.samplers.CFGGuider(model_patcher)
@@ -523,7 +525,7 @@ def _teacher_trajectories(model_patcher, captions, cfg, noises, seed, latent_sha
         latent = torch.zeros_like(noise)
         sig = torch.tensor(grid, dtype=torch.float32)
         guider.sample(noise, latent, comfy.samplers.KSAMPLER(euler), sig, disable_pbar=True, seed=seed)
-        missing = keep_set - set(record)
+        missing = {float(k) for k in keep} - set(record)
         if missing:
             raise GlanceError(f"Internal: the fine grid lacks Glance sigmas {sorted(missing)}.")
         out["captions"].append(

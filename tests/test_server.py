@@ -13,7 +13,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
-PACK_NODES = {"SlowFastScheduler", "PhaseAwareLoRALoader", "GlanceQwenNormCFG"}
+PACK_NODES = {"SlowFastScheduler", "PhaseAwareLoRALoader", "GlanceQwenNormCFG", "OneShotTrainer"}
 
 
 @pytest.fixture(scope="module")
@@ -23,6 +23,7 @@ def server(comfy_nodes, tmp_path_factory):
 
     base = tmp_path_factory.mktemp("comfy")
     tiny_models.write_workflow_assets(base / "models")
+    tiny_models.write_example_image(base / "input")
     srv = ComfyServer(base).start()
     yield srv
     srv.stop()
@@ -40,12 +41,13 @@ def _api(name: str, object_info: dict, size: int = 256) -> dict:
     return tiny_models.tiny_prompt(workflow.to_api(ui, object_info), size)
 
 
-def _images(server, entry: dict) -> list[np.ndarray]:
+def _images(server, entry: dict, kind: str = "output") -> list[np.ndarray]:
+    """Images of a finished prompt: SaveImage's ("output") or previews ("temp")."""
     out = []
     for node_out in entry["outputs"].values():
         for img in node_out.get("images", []):
-            path = server.base / "output" / img["subfolder"] / img["filename"]
-            out.append(np.asarray(Image.open(path)))
+            if img["type"] == kind:
+                out.append(np.asarray(Image.open(server.base / kind / img["subfolder"] / img["filename"])))
     return out
 
 
@@ -130,3 +132,21 @@ def test_interrupt_stops_the_run_and_leaves_the_model_intact(server, object_info
     noise["inputs"]["noise_seed"] = 42
     again = _images(server, server.run(glance))[0]
     assert np.array_equal(first, again)
+
+
+def test_stop_interrupts_training_promptly_and_writes_nothing(server, object_info):
+    api = _api("glance_flux_train_one_image", object_info)
+    trainer = next(n for n in api.values() if n["class_type"] == "OneShotTrainer")
+    trainer["inputs"].update(steps=100000, save_name="never_written")
+    prompt_id = server.queue(api)
+    deadline = time.time() + 120
+    while time.time() < deadline and not server.get("/queue")["queue_running"]:
+        time.sleep(0.05)
+    time.sleep(3.0)  # well into training
+    t = time.time()
+    server.post("/interrupt", {})
+    entry = server.wait(prompt_id, timeout=60)
+    assert time.time() - t < 10, "Stop took effect within seconds"
+    assert "execution_interrupted" in [e for e, _ in entry["status"]["messages"]]
+    assert not list((server.base / "models" / "loras").glob("never_written*"))
+    assert server.run(_api("glance_flux_10step", object_info))["status"]["status_str"] == "success"
