@@ -54,18 +54,43 @@ def _worker(args) -> dict:
 
             s = list(schedules.PRESETS["glance_flux"])
             job = training.ExpertJob("fast", s[5:10], s[6:11])
-            training.train_expert(model, job, objective="official", positive=training.clone_conditioning(pos),
-                                  negative=None, cfg=1.0, rank=args.rank, alpha=float(args.rank), lr=5e-4,
-                                  steps=args.steps, seed=0, targets="all_linear" if args.all_linear else "official",
-                                  batch=1, x0=x0)
+            training.train_expert(
+                model,
+                job,
+                objective="official",
+                positive=training.clone_conditioning(pos),
+                negative=None,
+                cfg=1.0,
+                rank=args.rank,
+                alpha=float(args.rank),
+                lr=5e-4,
+                steps=args.steps,
+                seed=0,
+                targets="all_linear" if args.all_linear else "official",
+                batch=1,
+                x0=x0,
+            )
         else:
             node = nodes.NODE_CLASS_MAPPINGS["TrainLoraNode"]
             latents = [{"samples": x0}, {"samples": x0.clone()}]
-            node.execute(model=[model], latents=latents, positive=[pos], batch_size=[1], steps=[args.steps],
-                         grad_accumulation_steps=[1], learning_rate=[5e-4], rank=[args.rank], optimizer=["AdamW"],
-                         loss_function=["MSE"], seed=[0], training_dtype=["bf16" if args.full else "fp32"],
-                         lora_dtype=["bf16" if args.full else "fp32"], algorithm=["LoRA"],
-                         gradient_checkpointing=[True], existing_lora=["[None]"])
+            node.execute(
+                model=[model],
+                latents=latents,
+                positive=[pos],
+                batch_size=[1],
+                steps=[args.steps],
+                grad_accumulation_steps=[1],
+                learning_rate=[5e-4],
+                rank=[args.rank],
+                optimizer=["AdamW"],
+                loss_function=["MSE"],
+                seed=[0],
+                training_dtype=["bf16" if args.full else "fp32"],
+                lora_dtype=["bf16" if args.full else "fp32"],
+                algorithm=["LoRA"],
+                gradient_checkpointing=[True],
+                existing_lora=["[None]"],
+            )
     seconds = time.perf_counter() - t
     out = {"seconds": seconds, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if args.device.startswith("cuda"):
@@ -75,8 +100,22 @@ def _worker(args) -> dict:
 
 
 def _run(args, trainer: str, steps: int) -> dict:
-    cmd = [sys.executable, "-m", "bench.bench_trainer", "--worker", "--trainer", trainer, "--steps", str(steps),
-           "--device", args.device, "--size", str(args.size), "--rank", str(args.rank)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.bench_trainer",
+        "--worker",
+        "--trainer",
+        trainer,
+        "--steps",
+        str(steps),
+        "--device",
+        args.device,
+        "--size",
+        str(args.size),
+        "--rank",
+        str(args.rank),
+    ]
     if args.full:
         cmd.append("--full")
     if args.all_linear:
@@ -104,17 +143,26 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(_worker(args)))
         return {}
     steps = args.steps or (30 if args.full else 20)
-    result = {"device": args.device, "config": "FLUX.1-dev (random bf16)" if args.full else "tiny FLUX fp32",
-              "size": args.size, "rank": args.rank, "steps": [steps, 2 * steps],
-              "targets": "all_linear" if args.all_linear else "official (q/k/v/out)"}
+    result = {
+        "device": args.device,
+        "config": "FLUX.1-dev (random bf16)" if args.full else "tiny FLUX fp32",
+        "size": args.size,
+        "rank": args.rank,
+        "steps": [steps, 2 * steps],
+        "targets": "all_linear" if args.all_linear else "official (q/k/v/out)",
+    }
     for trainer in ("glance", "comfy_TrainLoraNode"):
         a, b = _run(args, trainer, steps), _run(args, trainer, 2 * steps)
         if "error" in a or "error" in b:
             result[trainer] = {"error": a.get("error") or b.get("error")}
             continue
         per_step = (b["seconds"] - a["seconds"]) / steps
-        result[trainer] = {"s_per_step": per_step, "steps_per_s": 1 / per_step,
-                           "peak_rss_mib": b["peak_rss_mib"], "peak_gpu_gib": b.get("peak_gpu_gib")}
+        result[trainer] = {
+            "s_per_step": per_step,
+            "steps_per_s": 1 / per_step,
+            "peak_rss_mib": b["peak_rss_mib"],
+            "peak_gpu_gib": b.get("peak_gpu_gib"),
+        }
     g, c = result["glance"], result["comfy_TrainLoraNode"]
     if "error" not in g and "error" not in c:
         result["speed_ratio_glance_over_core"] = g["steps_per_s"] / c["steps_per_s"]
