@@ -317,8 +317,9 @@ def glance_train_flux() -> Graph:
                 "Train the Glance Slow and Fast LoRAs from ONE image, then sample with them in 10 steps.\n\n"
                 "Load your image, describe it in the prompt, queue. The One-Shot Trainer trains both experts on the "
                 "model already loaded (official recipe: 60 steps each) and outputs the model with them applied; the "
-                "loss curve shows in the preview. Set save_name to keep the LoRAs in models/loras. Try objective 'trajectory' "
-                "(no image needed; add captions, one per line, with the clip input) for better few-step fidelity."
+                "loss curve shows in the preview. Set save_name to keep the LoRAs in models/loras. "
+                "Try objective 'trajectory' (no image needed; add captions, one per line, with the clip input) "
+                "for better few-step fidelity."
             ),
         )
     )
