@@ -71,7 +71,7 @@ def seeded_state_dict(shapes: dict[str, torch.Size], seed: int) -> dict[str, tor
 def model_shapes(arch: str, config: dict | None = None) -> dict[str, torch.Size]:
     mc = _config_class(arch)(dict(config or CONFIGS[arch]))
     mc.set_inference_dtype(torch.float32, None)
-    model = mc.get_model({})  # tiny: allocating empty tensors costs nothing
+    model = mc.get_model({}, device="meta")  # shapes only: no memory, even at full size
     return {k: v.shape for k, v in model.diffusion_model.state_dict().items()}
 
 
@@ -322,3 +322,50 @@ def tiny_prompt(api: dict, size: int = 256) -> dict:
         if node["class_type"] == "OneShotTrainer":
             node["inputs"].update(resolution=min(size, 128))
     return api
+
+
+ARCFLOW_LORA_TARGETS = {
+    "qwen_image": r"transformer_blocks\.\d+\.(img_mlp|txt_mlp)\.net\.(0\.proj|2)"
+    r"|time_text_embed\.timestep_embedder\.linear_[12]",
+    "flux": r"transformer_blocks\.\d+\.(ff|ff_context)\.net\.(0\.proj|2)"
+    r"|single_transformer_blocks\.\d+\.(proj_mlp|proj_out)|time_text_embed\.timestep_embedder\.linear_[12]",
+}
+
+
+def arcflow_adapter(
+    arch: str,
+    seed: int = 0,
+    k: int = 4,
+    rank: int = 4,
+    std: float = 0.02,
+    config: dict | None = None,
+    shapes_only: bool = False,
+) -> dict[str, torch.Tensor]:
+    """An adapter in the released ArcFlow layout (reference arcflow.md §5): unprefixed PEFT LoRA keys on the
+    official targets, plus full ``norm_out.linear`` and the three heads, at this model size.
+    ``shapes_only`` gives meta tensors (for full-size layout checks without the memory)."""
+    import re
+
+    cfg = config or CONFIGS[arch]
+    shapes = diffusers_linear_shapes(arch, cfg)
+
+    def make(name: str, shape: tuple[int, ...], scale: float) -> torch.Tensor:
+        return torch.empty(shape, device="meta") if shapes_only else _factor(seed, name, shape, scale)
+
+    sd = {}
+    for n, (out_f, in_f) in sorted(shapes.items()):
+        if re.fullmatch(ARCFLOW_LORA_TARGETS[arch], n):
+            sd[f"{n}.lora_A.weight"] = make(n + ".A", (rank, in_f), 1.0 / in_f**0.5)
+            sd[f"{n}.lora_B.weight"] = make(n + ".B", (out_f, rank), std / rank**0.5)
+    hidden = shapes["norm_out.linear"][1]
+    p2, ch = cfg["patch_size"] ** 2, cfg["out_channels"]
+    rows = {
+        "norm_out.linear": 2 * hidden,
+        "proj_out_means": k * p2 * ch,
+        "proj_out_logweights": k * p2,
+        "proj_out_loggamma": (k - 1) * p2,
+    }
+    for name, r in rows.items():
+        sd[f"{name}.weight"] = make(name + ".w", (r, hidden), 1.0 / hidden**0.5)
+        sd[f"{name}.bias"] = make(name + ".b", (r,), 0.02)
+    return sd

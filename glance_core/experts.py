@@ -120,17 +120,20 @@ def _module_of(model: torch.nn.Module, weight_key: str) -> tuple[str, torch.nn.M
     return module_name, module, param
 
 
-def build_expert(
-    model_patcher, lora_sd: dict[str, torch.Tensor], strength: float, name: str, metadata: dict[str, str] | None = None
-) -> Expert:
-    """Parse ``lora_sd`` with ComfyUI's key maps for ``model_patcher``'s model.
+def is_flux(model) -> bool:
+    import comfy.model_base
 
-    Raises GlanceError naming ``name`` when keys match no layer, or when a patch targets
-    something that is not a Linear layer.
+    return isinstance(model, comfy.model_base.Flux)
+
+
+def parse_lora(model_patcher, lora_sd: dict[str, torch.Tensor], name: str) -> dict:
+    """ComfyUI's patch dict for ``lora_sd`` on this model (its own key maps and weight adapters).
+
+    Raises GlanceError naming ``name`` and the count when keys match no layer: a LoRA loaded in part
+    silently changes its effect.
     """
     import comfy.lora
     import comfy.lora_convert
-    import comfy.weight_adapter
 
     base_model = model_patcher.model
     key_map = comfy.lora.model_lora_keys_unet(base_model, {})
@@ -155,6 +158,21 @@ def build_expert(
         log.info(
             "Glance: %s has %d text-encoder keys; this loader patches the diffusion model only.", name, len(ignored_te)
         )
+    return patches
+
+
+def build_expert(
+    model_patcher, lora_sd: dict[str, torch.Tensor], strength: float, name: str, metadata: dict[str, str] | None = None
+) -> Expert:
+    """Parse ``lora_sd`` with ComfyUI's key maps for ``model_patcher``'s model into forward-time deltas.
+
+    Raises GlanceError naming ``name`` when keys match no layer, or when a patch targets
+    something that is not a Linear layer.
+    """
+    import comfy.lora
+
+    base_model = model_patcher.model
+    patches = parse_lora(model_patcher, lora_sd, name)
 
     # Group patches by Linear module: low-rank pieces and dense pieces.
     grouped: dict[str, list[tuple]] = {}

@@ -2,6 +2,7 @@
 
 from comfy_api.latest import ComfyExtension, io
 
+from .arcflow import ArcFlowLoader, ArcFlowSampler
 from .guidance import QwenNormCFG
 from .loader import PhaseAwareLoRALoader
 from .scheduler import SlowFastScheduler
@@ -10,7 +11,7 @@ from .trainer import OneShotTrainer
 
 class GlanceExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [SlowFastScheduler, PhaseAwareLoRALoader, QwenNormCFG, OneShotTrainer]
+        return [SlowFastScheduler, PhaseAwareLoRALoader, QwenNormCFG, OneShotTrainer, ArcFlowLoader, ArcFlowSampler]
 
 
 async def comfy_entrypoint() -> GlanceExtension:

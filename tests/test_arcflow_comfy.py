@@ -1,0 +1,186 @@
+"""ArcFlow adapters and the ArcFlow sampler in real ComfyUI (tiny FLUX / Qwen-Image)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+ARCHS = ["flux", "qwen_image"]
+FLUX_DEV = dict(
+    image_model="flux",
+    in_channels=16,
+    out_channels=16,
+    vec_in_dim=768,
+    context_in_dim=4096,
+    hidden_size=3072,
+    mlp_ratio=4.0,
+    num_heads=24,
+    depth=19,
+    depth_single_blocks=38,
+    axes_dim=[16, 56, 56],
+    theta=10000,
+    patch_size=2,
+    qkv_bias=True,
+    guidance_embed=True,
+)
+QWEN_IMAGE = dict(
+    image_model="qwen_image",
+    patch_size=2,
+    in_channels=64,
+    out_channels=16,
+    num_layers=60,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=3584,
+    axes_dims_rope=[16, 56, 56],
+)
+
+
+def _n(comfy_nodes, name):
+    return comfy_nodes.NODE_CLASS_MAPPINGS[name]
+
+
+@pytest.fixture
+def arc(comfy_nodes, tiny, loras_dir, request):
+    arch = request.param
+    model = tiny.build(arch, 0)
+    tiny.save_lora(loras_dir / "arc.safetensors", tiny.arcflow_adapter(arch, 3))
+    arc_model = _n(comfy_nodes, "ArcFlowLoader").execute(model, "arc.safetensors", 1.0, 3.2).args[0]
+    return arch, model, arc_model
+
+
+def _arcflow_run(comfy_nodes, model, sigmas, pos, latent, seed=0):
+    n = lambda name: _n(comfy_nodes, name)  # noqa: E731
+    guider = n("BasicGuider").execute(model, pos).args[0]
+    sampler = n("ArcFlowSampler").execute().args[0]
+    noise = n("RandomNoise").execute(seed).args[0]
+    return n("SamplerCustomAdvanced").execute(noise, guider, sampler, sigmas, {"samples": latent}).args[0]["samples"]
+
+
+@pytest.mark.parametrize("arc", ARCHS, indirect=True)
+def test_arcflow_sampler_equals_ksampler_euler_route(comfy_nodes, glance, tiny, arc):
+    arch, model, arc_model = arc
+    state = {k: v.clone() for k, v in model.model.state_dict().items()}
+    sigmas = _n(comfy_nodes, "BasicScheduler").execute(arc_model, "simple", 2, 1.0).args[0]
+    assert [round(float(s), 4) for s in sigmas] == [1.0, 0.7619, 0.0]  # the official 2-step schedule
+    pos, latent = tiny.conditioning(arch, 1), tiny.latent(arch)
+    a = _arcflow_run(comfy_nodes, arc_model, sigmas, pos, latent)
+    ks = _n(comfy_nodes, "KSampler")()
+    b = ks.sample(arc_model, 0, 2, 1.0, "euler", "simple", pos, tiny.conditioning(arch, 2), {"samples": latent})[0][
+        "samples"
+    ]
+    scale = max(1.0, float(a.abs().max()))
+    assert float((a - b).abs().max()) <= 1e-5 * scale, float((a - b).abs().max())
+    assert torch.isfinite(a).all()
+    base = ks.sample(model, 0, 2, 1.0, "euler", "simple", pos, tiny.conditioning(arch, 2), {"samples": latent})[0][
+        "samples"
+    ]
+    assert not torch.allclose(a, base), "the heads decide the step"
+    import comfy.model_management as mm
+
+    mm.unload_all_models()
+    assert all(torch.equal(v, state[k]) for k, v in model.model.state_dict().items()), "base model untouched"
+
+
+@pytest.mark.parametrize("arc", ["flux"], indirect=True)
+def test_each_step_is_the_closed_form_of_the_policy(comfy_nodes, glance, tiny, arc):
+    """One step of the sampler moves x by exactly D(σ0 → σ1) of the policy the model produced at σ0."""
+    import importlib
+
+    import comfy.samplers
+
+    arcflow = importlib.import_module(glance.__name__ + ".glance_core.arcflow")
+    am = importlib.import_module(glance.__name__ + ".glance_core.arcflow_model")
+    arch, model, arc_model = arc
+    state = am.state_of(arc_model)
+    pos, latent = tiny.conditioning(arch, 1), tiny.latent(arch)
+    sig = torch.tensor([1.0, 0.7619, 0.0])
+    seen = []
+
+    def record(executor, *args, **kwargs):
+        out = executor(*args, **kwargs)
+        seen.append((args[0].clone(), state.raw))
+        return out
+
+    import comfy.patcher_extension as pe
+
+    rec = arc_model.clone()
+    rec.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, "rec", record)
+    guider = comfy.samplers.CFGGuider(rec)
+    guider.set_conds(pos, [])
+    guider.set_cfg(1.0)
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(0))
+    guider.sample(noise, latent, comfy.samplers.KSAMPLER(glance.nodes.arcflow.sample_arcflow), sig, disable_pbar=True)
+    (x0, raw0), (x1, _) = seen
+    state.raw = raw0
+    d = arcflow.displacement(*state.policy(x0), 1.0, 0.7619)
+    assert torch.allclose(x1, x0 - d, atol=1e-6)
+    assert state.evaluations >= 2
+
+
+def test_bad_adapters_name_the_tensor_and_shapes(comfy_nodes, tiny, loras_dir):
+    model = tiny.build("flux", 0)
+    good = tiny.arcflow_adapter("flux", 1)
+    bad_shape = dict(good, **{"proj_out_means.weight": torch.zeros(60, 64)})
+    no_heads = {k: v for k, v in good.items() if not k.startswith("proj_out_loggamma")}
+    foreign = dict(
+        good, **{"not_a_layer.lora_A.weight": torch.zeros(4, 8), "not_a_layer.lora_B.weight": torch.zeros(8, 4)}
+    )
+    cases = [
+        (bad_shape, r"proj_out_means\.weight has shape \[60, 64\], this model needs \[256, 64\]"),
+        (no_heads, r"not an ArcFlow adapter: it has no 'proj_out_loggamma\.weight'"),
+        (foreign, r"2 of \d+ keys match no layer"),
+        (tiny.arcflow_adapter("qwen_image", 1), r"match"),
+    ]
+    for i, (sd, msg) in enumerate(cases):
+        tiny.save_lora(loras_dir / f"bad{i}.safetensors", sd)
+        with pytest.raises(ValueError, match=msg):
+            _n(comfy_nodes, "ArcFlowLoader").execute(model, f"bad{i}.safetensors", 1.0, 3.2)
+
+
+@pytest.mark.parametrize("arc", ["qwen_image"], indirect=True)
+def test_sampler_refuses_what_it_cannot_do(comfy_nodes, tiny, arc):
+    arch, model, arc_model = arc
+    pos, neg, latent = tiny.conditioning(arch, 1), tiny.conditioning(arch, 2), tiny.latent(arch)
+    n = lambda name: _n(comfy_nodes, name)  # noqa: E731
+    sampler = n("ArcFlowSampler").execute().args[0]
+    noise = n("RandomNoise").execute(0).args[0]
+    sig = torch.tensor([1.0, 0.7619, 0.0])
+    cases = [
+        (n("BasicGuider").execute(model, pos).args[0], sig, "needs a model with ArcFlow heads"),
+        (n("CFGGuider").execute(arc_model, pos, neg, 4.0).args[0], sig, "use cfg 1"),
+        (n("BasicGuider").execute(arc_model, pos).args[0], torch.tensor([1.0, 0.5, 0.7, 0.0]), "descending"),
+    ]
+    for guider, sigmas, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            n("SamplerCustomAdvanced").execute(noise, guider, sampler, sigmas, {"samples": latent})
+
+
+@pytest.mark.parametrize("arch,config", [("flux", FLUX_DEV), ("qwen_image", QWEN_IMAGE)])
+def test_full_size_official_layout_loads(comfy_nodes, glance, tiny, arch, config):
+    """The released adapters' key list and shapes (reference arcflow.md §5) fit the full-size ComfyUI model."""
+    import importlib
+
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+
+    am = importlib.import_module(glance.__name__ + ".glance_core.arcflow_model")
+    experts = importlib.import_module(glance.__name__ + ".glance_core.experts")
+    mc = (sm.Flux if arch == "flux" else sm.QwenImage)(dict(config))
+    mc.set_inference_dtype(torch.bfloat16, None)
+    model = comfy.model_patcher.ModelPatcher(mc.get_model({}, device="meta"), load_device="meta", offload_device="meta")
+    sd = tiny.arcflow_adapter(arch, k=16, rank=256, config=config, shapes_only=True)
+    assert tuple(sd["norm_out.linear.weight"].shape) == (6144, 3072)
+    assert tuple(sd["proj_out_means.weight"].shape) == (1024, 3072)
+    assert tuple(sd["proj_out_logweights.weight"].shape) == (64, 3072)
+    assert tuple(sd["proj_out_loggamma.weight"].shape) == (60, 3072)
+    if arch == "qwen_image":
+        assert tuple(sd["transformer_blocks.0.img_mlp.net.0.proj.lora_A.weight"].shape) == (256, 3072)
+        assert tuple(sd["transformer_blocks.0.img_mlp.net.0.proj.lora_B.weight"].shape) == (12288, 256)
+        assert tuple(sd["transformer_blocks.59.img_mlp.net.2.lora_A.weight"].shape) == (256, 12288)
+    lora, full = am.split_adapter(sd)
+    assert am.check_heads(model, full, "official") == 16
+    if arch == "flux":
+        lora = {f"transformer.{k}": v for k, v in lora.items()}
+    patches = experts.parse_lora(model, lora, "official")
+    assert len(patches) == len(lora) // 2
