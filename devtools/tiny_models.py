@@ -324,12 +324,10 @@ def tiny_prompt(api: dict, size: int = 256) -> dict:
     return api
 
 
-ARCFLOW_LORA_TARGETS = {
-    "qwen_image": r"transformer_blocks\.\d+\.(img_mlp|txt_mlp)\.net\.(0\.proj|2)"
-    r"|time_text_embed\.timestep_embedder\.linear_[12]",
-    "flux": r"transformer_blocks\.\d+\.(ff|ff_context)\.net\.(0\.proj|2)"
-    r"|single_transformer_blocks\.\d+\.(proj_mlp|proj_out)|time_text_embed\.timestep_embedder\.linear_[12]",
-}
+def _arcflow_targets(arch: str) -> str:
+    from glance_core.training import TARGETS
+
+    return TARGETS[arch]["arcflow"]
 
 
 def arcflow_adapter(
@@ -354,7 +352,7 @@ def arcflow_adapter(
 
     sd = {}
     for n, (out_f, in_f) in sorted(shapes.items()):
-        if re.fullmatch(ARCFLOW_LORA_TARGETS[arch], n):
+        if re.fullmatch(_arcflow_targets(arch), n):
             sd[f"{n}.lora_A.weight"] = make(n + ".A", (rank, in_f), 1.0 / in_f**0.5)
             sd[f"{n}.lora_B.weight"] = make(n + ".B", (out_f, rank), std / rank**0.5)
     hidden = shapes["norm_out.linear"][1]

@@ -37,6 +37,7 @@ class ArcFlowState:
     sigma_next: float | None = None
     last_displacement: torch.Tensor | None = None
     evaluations: int = 0
+    teacher_mode: bool = False  # distillation: the patched model acts as the frozen base model
     extra: dict = field(default_factory=dict)
 
     def policy(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -58,8 +59,15 @@ class ArcFlowState:
 class PolicyHeads(torch.nn.Module):
     """Replaces the output projection: computes the three heads (float32) and stores them."""
 
-    def __init__(self, sd: dict[str, torch.Tensor], out_features: int, state: ArcFlowState):
+    def __init__(
+        self,
+        sd: dict[str, torch.Tensor],
+        out_features: int,
+        state: ArcFlowState,
+        original: torch.nn.Module | None = None,
+    ):
         super().__init__()
+        self.original = [original]  # the base projection, used in teacher mode (not a submodule)
         self.heads = torch.nn.ModuleDict()
         for name in HEADS:
             w, b = sd[f"{name}.weight"], sd.get(f"{name}.bias")
@@ -73,12 +81,16 @@ class PolicyHeads(torch.nn.Module):
         self.state = state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.state.teacher_mode:
+            return self.original[0](x)
         xf = x.to(torch.float32)
         self.state.raw = tuple(self.heads[n](xf) for n in HEADS)
         return x.new_zeros(*x.shape[:-1], self.out_features)
 
     def state_dict_adapter(self) -> dict[str, torch.Tensor]:
-        return {f"{n}.{p}": t.detach().clone() for n in HEADS for p, t in self.heads[n].named_parameters()}
+        return {
+            f"{n}.{p}": t.detach().to(torch.float32).clone() for n in HEADS for p, t in self.heads[n].named_parameters()
+        }
 
 
 def _layout(model) -> tuple[str, str, bool]:
@@ -104,8 +116,9 @@ def check_heads(model_patcher, full: dict[str, torch.Tensor], name: str) -> int:
     """Validate the full tensors against the model; returns K. Errors name the tensor and both shapes."""
     model = model_patcher.model
     norm_path, proj_path, _ = _layout(model)
-    proj = model.get_submodule(proj_path)
-    norm = model.get_submodule(norm_path)
+    # get_model_object: the base modules even while another clone has its object patches applied
+    proj = model_patcher.get_model_object(proj_path)
+    norm = model_patcher.get_model_object(norm_path)
     hidden = proj.in_features
     patch = model.model_config.unet_config.get("patch_size", 2)
     channels = model.model_config.unet_config.get("out_channels", 16)
@@ -136,46 +149,89 @@ def check_heads(model_patcher, full: dict[str, torch.Tensor], name: str) -> int:
     return k
 
 
+class SwitchNorm(torch.nn.Module):
+    """The adapter's ``norm_out.linear``; the base model's own in teacher mode (distillation)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, original: torch.nn.Module, state: ArcFlowState):
+        super().__init__()
+        self.linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
+        with torch.no_grad():
+            self.linear.weight.copy_(weight)
+            if bias is not None:
+                self.linear.bias.copy_(bias)
+        self.linear.requires_grad_(False)
+        self.original = [original]  # a list: not a submodule (it belongs to the base model)
+        self.state = state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.state.teacher_mode:
+            return self.original[0](x)
+        return self.linear(x.to(self.linear.weight.dtype)).to(x.dtype)
+
+
 def apply_arcflow(
     model_patcher, adapter: dict[str, torch.Tensor], name: str, strength: float = 1.0, shift: float = 3.2
 ):
     """A clone of ``model_patcher`` with the adapter's LoRA merged and its heads attached."""
-    import comfy.patcher_extension as pe
-
     from . import experts
 
     lora, full = split_adapter(adapter)
     k = check_heads(model_patcher, full, name)
-    model = model_patcher.model
-    norm_path, proj_path, swap = _layout(model)
     m = model_patcher.clone()
     if lora:
-        if experts.is_flux(model):
+        if experts.is_flux(model_patcher.model):
             lora = {(k_ if k_.startswith("transformer.") else f"transformer.{k_}"): v for k_, v in lora.items()}
         m.add_patches(experts.parse_lora(model_patcher, lora, name), strength)
-    norm = model.get_submodule(norm_path)
+    attach_heads(m, full, k, shift)
+    return m
+
+
+def attach_heads(m, full: dict[str, torch.Tensor], k: int, shift: float) -> ArcFlowState:
+    """Object-patch the heads, the norm and the sampling onto patcher ``m`` (in place); returns the state.
+
+    ``full`` holds ``norm_out.linear.*`` (diffusers order) and the three heads' tensors.
+    """
+    import comfy.patcher_extension as pe
+
+    model = m.model
+    norm_path, proj_path, swap = _layout(model)
+    norm = m.get_model_object(norm_path)
     w, b = full["norm_out.linear.weight"], full.get("norm_out.linear.bias")
     if swap:
         w = torch.cat(w.chunk(2, 0)[::-1], 0)
         b = torch.cat(b.chunk(2, 0)[::-1], 0) if b is not None else None
-    new_norm = torch.nn.Linear(w.shape[1], w.shape[0], bias=b is not None, dtype=norm.weight.dtype)
-    with torch.no_grad():
-        new_norm.weight.copy_(w.to(norm.weight.dtype))
-        if b is not None:
-            new_norm.bias.copy_(b.to(norm.weight.dtype))
-    new_norm.requires_grad_(False)
     cfg = model.model_config.unet_config
     state = ArcFlowState(k=k, channels=cfg.get("out_channels", 16), patch=cfg.get("patch_size", 2))
-    proj = model.get_submodule(proj_path)
-    heads = PolicyHeads(full, proj.out_features, state)
+    dtype = (
+        torch.float32 if norm.weight.dtype not in (torch.float32, torch.bfloat16, torch.float16) else norm.weight.dtype
+    )
+    new_norm = SwitchNorm(w.to(dtype), None if b is None else b.to(dtype), norm, state)
+    proj = m.get_model_object(proj_path)
+    heads = PolicyHeads(full, proj.out_features, state, original=proj)
     m.add_object_patch(norm_path, new_norm)
     m.add_object_patch(proj_path, heads)
     m.add_object_patch("model_sampling", arcflow_sampling(model.model_config, state, shift))
     key = f"{STATE_KEY}_{uuid.uuid4().hex[:8]}"
     m.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, key, _next_sigma_wrapper(state))
     m.set_attachments(STATE_KEY, state)
-    m.set_attachments(STATE_KEY + "_heads", heads)
-    return m
+    m.set_attachments(STATE_KEY + "_modules", (heads, new_norm))
+    return state
+
+
+def export_heads(m) -> dict[str, torch.Tensor]:
+    """The full-tensor part of an adapter (diffusers order, float32) from a patcher made by attach_heads."""
+    heads, norm = m.attachments[STATE_KEY + "_modules"]
+    _, _, swap = _layout(m.model)
+    w = norm.linear.weight.detach().to(torch.float32)
+    b = norm.linear.bias.detach().to(torch.float32) if norm.linear.bias is not None else None
+    if swap:
+        w = torch.cat(w.chunk(2, 0)[::-1], 0)
+        b = torch.cat(b.chunk(2, 0)[::-1], 0) if b is not None else None
+    out = {"norm_out.linear.weight": w.clone()}
+    if b is not None:
+        out["norm_out.linear.bias"] = b.clone()
+    out.update(heads.state_dict_adapter())
+    return out
 
 
 def arcflow_sampling(model_config, state: ArcFlowState, shift: float):
@@ -184,6 +240,8 @@ def arcflow_sampling(model_config, state: ArcFlowState, shift: float):
 
     class ArcFlowSampling(ms.ModelSamplingDiscreteFlow, ms.CONST):
         def calculate_denoised(self, sigma, model_output, model_input):
+            if state.teacher_mode:
+                return super().calculate_denoised(sigma, model_output, model_input)
             s = sigma.reshape(-1)
             if float(s.max() - s.min()) > 1e-6:
                 raise GlanceError("ArcFlow evaluates one sigma per model call; this call mixes several.")

@@ -49,12 +49,17 @@ TARGETS: dict[str, dict[str, str]] = {
         "attention": r"(transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj"
         r"|to_add_out)|single_transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v))",
         "all_linear": r"(single_)?transformer_blocks\..*",
+        # ArcFlow's LoRA targets (reference arcflow.md §4.3).
+        "arcflow": r"transformer_blocks\.\d+\.(ff|ff_context)\.net\.(0\.proj|2)"
+        r"|single_transformer_blocks\.\d+\.(proj_mlp|proj_out)|time_text_embed\.timestep_embedder\.linear_[12]",
     },
     "qwen_image": {
         "official": r"transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj|to_out\.0"
         r"|to_add_out)|img_mlp\.net\.2|txt_mlp\.net\.2|img_mod\.1|txt_mod\.1)",
         "attention": r"transformer_blocks\.\d+\.attn\..*",
         "all_linear": r"transformer_blocks\..*",
+        "arcflow": r"transformer_blocks\.\d+\.(img_mlp|txt_mlp)\.net\.(0\.proj|2)"
+        r"|time_text_embed\.timestep_embedder\.linear_[12]",
     },
 }
 #: Official hyper-parameters per architecture: rank, alpha, learning rate (glance.md §3.2).

@@ -2,7 +2,7 @@
 
 from comfy_api.latest import ComfyExtension, io
 
-from .arcflow import ArcFlowLoader, ArcFlowSampler
+from .arcflow import ArcFlowDistiller, ArcFlowLoader, ArcFlowSampler
 from .guidance import QwenNormCFG
 from .loader import PhaseAwareLoRALoader
 from .scheduler import SlowFastScheduler
@@ -11,7 +11,15 @@ from .trainer import OneShotTrainer
 
 class GlanceExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [SlowFastScheduler, PhaseAwareLoRALoader, QwenNormCFG, OneShotTrainer, ArcFlowLoader, ArcFlowSampler]
+        return [
+            SlowFastScheduler,
+            PhaseAwareLoRALoader,
+            QwenNormCFG,
+            OneShotTrainer,
+            ArcFlowLoader,
+            ArcFlowSampler,
+            ArcFlowDistiller,
+        ]
 
 
 async def comfy_entrypoint() -> GlanceExtension:

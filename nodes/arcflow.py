@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
+
 import comfy.samplers
+import comfy.utils
 import folder_paths
 import torch
 from comfy_api.latest import io
 from tqdm.auto import trange
 
-from ..glance_core import GlanceError, arcflow_model, lora_files
+from ..glance_core import GlanceError, arcflow_distill, arcflow_model, lora_files, training
+from ..glance_core.plots import loss_curve
+from . import trainer
 from .common import CATEGORY, require_flow_model
 
 
@@ -114,3 +119,179 @@ class ArcFlowSampler(io.ComfyNode):
     @classmethod
     def execute(cls) -> io.NodeOutput:
         return io.NodeOutput(comfy.samplers.KSAMPLER(sample_arcflow))
+
+
+class ArcFlowDistiller(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ArcFlowDistiller",
+            display_name="ArcFlow Distiller",
+            category=CATEGORY,
+            description=(
+                "Distils an ArcFlow adapter (LoRA + momentum heads) from the connected model, data-free from a few "
+                "captions: the student's velocity inside each of its few steps is matched to the model's own (guided) "
+                "velocity along a mixed student/teacher path (the official objective, sized for one machine). Outputs "
+                "the model with the adapter (sample it with ArcFlow Sampler, cfg 1) and the adapter itself."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The teacher: a FLUX or Qwen-Image model (stays unchanged)."),
+                io.Conditioning.Input(
+                    "positive",
+                    tooltip="Caption(s): a combined conditioning counts as one caption "
+                    "per entry. For FLUX put FluxGuidance 3.5 before it.",
+                ),
+                io.Int.Input(
+                    "iterations",
+                    default=300,
+                    min=1,
+                    max=1000000,
+                    tooltip="Optimisation steps (the official run used 10-15k on 4 GPUs).",
+                ),
+                io.Int.Input("steps", default=2, min=1, max=16, tooltip="Student steps (model evaluations) per image."),
+                io.Int.Input("components", default=16, min=2, max=64, tooltip="K: momentum components (official 16)."),
+                io.Int.Input("rank", default=16, min=1, max=512, tooltip="LoRA rank (official 256 at full size)."),
+                io.Float.Input(
+                    "learning_rate",
+                    default=1e-3,
+                    min=1e-6,
+                    max=1.0,
+                    step=1e-5,
+                    round=1e-6,
+                    tooltip="AdamW learning rate (the momentum head gets 0.1×; official 1e-4).",
+                ),
+                io.Int.Input("batch", default=4, min=1, max=256, tooltip="Noises per iteration."),
+                io.Int.Input(
+                    "resolution",
+                    default=1024,
+                    min=64,
+                    max=4096,
+                    step=16,
+                    tooltip="Square image size the student is trained at.",
+                ),
+                io.Int.Input(
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=0xFFFFFFFF,
+                    control_after_generate=False,
+                    tooltip="Seed for init, noises and sampled times.",
+                ),
+                io.Float.Input(
+                    "shift",
+                    default=3.2,
+                    min=0.1,
+                    max=20.0,
+                    step=0.01,
+                    tooltip="Fixed sigma shift of the student's schedule (official 3.2).",
+                ),
+                io.Conditioning.Input(
+                    "negative", optional=True, tooltip="Teacher CFG negative (Qwen-Image official: empty prompt)."
+                ),
+                io.Float.Input(
+                    "cfg",
+                    default=1.0,
+                    min=1.0,
+                    max=30.0,
+                    step=0.1,
+                    optional=True,
+                    tooltip="Teacher CFG (Qwen-Image official 4). The student runs at cfg 1.",
+                ),
+                io.Clip.Input("clip", optional=True, tooltip="Text encoder for the extra captions."),
+                io.String.Input(
+                    "captions",
+                    default="",
+                    multiline=True,
+                    optional=True,
+                    tooltip="More captions, one per line (needs clip).",
+                ),
+                io.String.Input(
+                    "save_name",
+                    default="",
+                    optional=True,
+                    tooltip="If set, saves models/loras/<save_name>.safetensors (ArcFlow Adapter Loader reads it).",
+                ),
+                io.Boolean.Input(
+                    "overwrite",
+                    default=False,
+                    optional=True,
+                    tooltip="Allow replacing an existing file of the same name.",
+                ),
+            ],
+            outputs=[
+                io.Model.Output("arcflow_model", display_name="model", tooltip="The model with the distilled adapter."),
+                io.LoraModel.Output(
+                    "adapter", display_name="adapter", tooltip="The adapter (released ArcFlow layout)."
+                ),
+                io.Image.Output("loss_curve", display_name="loss_curve", tooltip="Distillation loss per iteration."),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(
+        cls,
+        model,
+        positive,
+        iterations: int,
+        steps: int,
+        components: int,
+        rank: int,
+        learning_rate: float,
+        batch: int,
+        resolution: int,
+        seed: int,
+        shift: float = 3.2,
+        negative=None,
+        cfg: float = 1.0,
+        clip=None,
+        captions: str = "",
+        save_name: str = "",
+        overwrite: bool = False,
+    ) -> io.NodeOutput:
+        node_id = cls.hidden.unique_id if cls.hidden is not None else None
+        require_flow_model(model, "ArcFlow Distiller")
+        training.architecture(model)
+        path = None
+        if save_name.strip():
+            path = trainer.save_paths(save_name, [""], overwrite)[""]
+        conds = trainer.caption_list(positive, clip, captions)
+        neg = training.clone_conditioning(negative) if negative is not None else None
+        pbar = comfy.utils.ProgressBar(iterations, node_id=node_id)
+
+        def on_step(i: int, loss: float) -> None:
+            pbar.update_absolute(i + 1, iterations)
+            trainer.progress_text(f"ArcFlow distillation: iteration {i + 1}/{iterations}, loss {loss:.5f}", node_id)
+
+        result = arcflow_distill.distill(
+            model,
+            [(c, neg) for c in conds],
+            teacher_cfg=cfg,
+            iterations=iterations,
+            steps=steps,
+            shift=shift,
+            k=components,
+            rank=rank,
+            lr=learning_rate,
+            batch=batch,
+            seed=seed,
+            latent_shape=trainer.latent_shape(model, resolution, None),
+            on_step=on_step,
+        )
+        if path:
+            meta = {
+                "policy_config": json.dumps({"type": "ArcFlow"}),
+                "glance.format": "1",
+                "glance.objective": "arcflow",
+                "glance.components": str(components),
+                "glance.steps": str(steps),
+                "glance.shift": str(shift),
+                "glance.iterations": str(iterations),
+                "glance.seed": str(seed),
+                "glance.rank": str(rank),
+                "glance.scale_convention": "alpha = rank (scale 1)",
+            }
+            training.save_lora_atomic(path, result.adapter, meta, overwrite=overwrite)
+        loaded = arcflow_model.apply_arcflow(model, result.adapter, "distilled adapter", 1.0, shift)
+        curve = loss_curve({"ArcFlow": result.losses}, title=f"ArcFlow distillation, {steps} steps, K={components}")
+        return io.NodeOutput(loaded, result.adapter, curve)

@@ -19,17 +19,17 @@ log = logging.getLogger("comfyui-glance")
 PRESET_FOR = {"flux": "glance_flux", "qwen_image": "glance_qwen_image"}
 
 
-def _progress_text(text: str, node_id: str | None) -> None:
+def progress_text(text: str, node_id: str | None) -> None:
     try:
         from server import PromptServer
 
         if PromptServer.instance is not None and node_id is not None:
-            PromptServer.instance.send_progress_text(text, node_id)
+            PromptServer.instance.sendprogress_text(text, node_id)
     except (ImportError, AttributeError):
         pass
 
 
-def _save_paths(save_name: str, experts_: list[str], overwrite: bool) -> dict[str, str]:
+def save_paths(save_name: str, experts_: list[str], overwrite: bool) -> dict[str, str]:
     if not save_name.strip():
         return {}
     name = save_name.strip().removesuffix(".safetensors")
@@ -39,13 +39,30 @@ def _save_paths(save_name: str, experts_: list[str], overwrite: bool) -> dict[st
             f"save_name {save_name!r} must be a name inside models/loras/, without '..' or a leading '/'."
         )
     root = folder_paths.get_folder_paths("loras")[0]
-    paths = {e: os.path.join(root, f"{norm}_{e}.safetensors") for e in experts_}
+    paths = {e: os.path.join(root, f"{norm}{'_' + e if e else ''}.safetensors") for e in experts_}
     taken = [p for p in paths.values() if os.path.exists(p)]
     if taken and not overwrite:
         raise GlanceError(
             f"{taken[0]} already exists: choose another save_name or turn on overwrite. Nothing was trained."
         )
     return paths
+
+
+def caption_list(positive, clip, captions: str) -> list:
+    """One CONDITIONING per caption: each entry of ``positive`` (a combined conditioning holds several), then
+    each non-empty line of ``captions`` encoded with ``clip`` (FLUX guidance copied from ``positive``).
+    Tensors are cloned outside inference mode, ready for autograd."""
+    out = [[c] for c in training.clone_conditioning(positive)]
+    extra = [line.strip() for line in (captions or "").splitlines() if line.strip()]
+    if extra and clip is None:
+        raise GlanceError("Extra captions need the text encoder: connect 'clip'.")
+    guidance = positive[0][1].get("guidance")
+    for line in extra:
+        c = clip.encode_from_tokens_scheduled(clip.tokenize(line))
+        if guidance is not None:
+            c = [[t, {**d, "guidance": guidance}] for t, d in c]
+        out.append(training.clone_conditioning(c))
+    return out
 
 
 def _prepare_image(image: torch.Tensor, resolution: int) -> tuple[torch.Tensor, str]:
@@ -325,8 +342,7 @@ class OneShotTrainer(io.ComfyNode):
                     f"The schedule has no {e} steps (boundary_sigma {boundary_sigma}); move the boundary "
                     f"or train the other expert."
                 )
-        paths = _save_paths(save_name, wanted, overwrite)
-        pos_list = [[c] for c in training.clone_conditioning(positive)]
+        paths = save_paths(save_name, wanted, overwrite)
         neg = training.clone_conditioning(negative) if negative is not None else None
 
         x0, note, img_hash = None, "", None
@@ -344,16 +360,7 @@ class OneShotTrainer(io.ComfyNode):
             img_hash = training.image_hash(img)
             x0 = vae.encode(img[:, :, :, :3])
             cfg = 1.0
-        extra = [line.strip() for line in (captions or "").splitlines() if line.strip()]
-        if extra:
-            if clip is None:
-                raise GlanceError("Extra captions need the text encoder: connect 'clip'.")
-            guidance = positive[0][1].get("guidance")
-            for line in extra:
-                c = clip.encode_from_tokens_scheduled(clip.tokenize(line))
-                if guidance is not None:
-                    c = [[t, {**d, "guidance": guidance}] for t, d in c]
-                pos_list.append(training.clone_conditioning(c))
+        pos_list = caption_list(positive, clip, captions)
 
         total = len(wanted) * steps
         trajectories = None
@@ -368,10 +375,10 @@ class OneShotTrainer(io.ComfyNode):
             done[0] += 1
             pbar.update_absolute(done[0], total)
             if text:
-                _progress_text(text, node_id)
+                progress_text(text, node_id)
 
         if objective == "trajectory":
-            shape = _latent_shape(model, resolution, x0)
+            shape = latent_shape(model, resolution, x0)
             trajectories = training.teacher_trajectories(
                 model, [(p, neg) for p in pos_list], cfg, noises, seed, shape, grid, s, on_step=lambda: tick()
             )
@@ -422,7 +429,7 @@ class OneShotTrainer(io.ComfyNode):
         )
 
 
-def _latent_shape(model, resolution: int, x0) -> tuple[int, ...]:
+def latent_shape(model, resolution: int, x0) -> tuple[int, ...]:
     if x0 is not None:
         return tuple(x0.shape)
     fmt = model.model.latent_format

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.append(str(REPO))  # after ComfyUI: the repo root has a nodes/ package
 
 
 @pytest.fixture(scope="session")

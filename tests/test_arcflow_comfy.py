@@ -184,3 +184,48 @@ def test_full_size_official_layout_loads(comfy_nodes, glance, tiny, arch, config
         lora = {f"transformer.{k}": v for k, v in lora.items()}
     patches = experts.parse_lora(model, lora, "official")
     assert len(patches) == len(lora) // 2
+
+
+def test_distilled_adapter_beats_two_euler_steps_and_reloads(comfy_nodes, tiny, loras_dir):
+    """Distil from the tiny FLUX teacher (data-free, 4 captions), save, reload with the loader, sample 2 steps."""
+    import comfy.samplers
+    from safetensors import safe_open
+
+    with torch.inference_mode():
+        model = tiny.build("flux", 0)
+    captions = [tiny.conditioning("flux", 100 + i) for i in range(4)]
+    positive = [entry for c in captions for entry in c]
+    with torch.inference_mode():
+        arc_model, adapter, curve = (
+            _n(comfy_nodes, "ArcFlowDistiller")
+            .execute(model, positive, 100, 2, 8, 4, 1e-3, 8, 64, 0, save_name="arc_distilled")
+            .args
+        )
+    assert curve.shape[-1] == 3
+    with safe_open(str(loras_dir / "arc_distilled.safetensors"), "pt") as f:
+        assert set(f.keys()) == set(adapter) and "ArcFlow" in f.metadata()["policy_config"]
+    loaded = _n(comfy_nodes, "ArcFlowLoader").execute(model, "arc_distilled.safetensors", 1.0, 3.2).args[0]
+
+    ms = model.get_model_object("model_sampling")
+    fifty = torch.tensor([ms.percent_to_sigma(i / 50) for i in range(50)] + [0.0])
+    two = torch.tensor([1.0, 0.7619, 0.0])
+    lat = tiny.latent("flux", 64, 64)
+    arc = _n(comfy_nodes, "ArcFlowSampler").execute().args[0]
+    euler = comfy.samplers.sampler_object("euler")
+
+    def run(m, sigmas, cond, seed, sampler):
+        g = comfy.samplers.CFGGuider(m)
+        g.set_conds(cond, [])
+        g.set_cfg(1.0)
+        noise = torch.randn(lat.shape, generator=torch.Generator().manual_seed(seed))
+        return g.sample(noise, torch.zeros_like(lat), sampler, sigmas, disable_pbar=True, seed=seed)
+
+    assert torch.equal(run(loaded, two, captions[0], 7, arc), run(arc_model, two, captions[0], 7, arc))
+    for conds in (captions[:2], [tiny.conditioning("flux", 900 + i) for i in range(2)]):  # seen, held-out captions
+        e_euler, e_arc = [], []
+        for c in conds:
+            for seed in (5000, 5001):  # held-out noises
+                ref = run(model, fifty, c, seed, euler)
+                e_euler.append(float(((run(model, two, c, seed, euler) - ref) ** 2).mean() / (ref**2).mean()))
+                e_arc.append(float(((run(loaded, two, c, seed, arc) - ref) ** 2).mean() / (ref**2).mean()))
+        assert sum(e_arc) < 0.7 * sum(e_euler), (e_arc, e_euler)

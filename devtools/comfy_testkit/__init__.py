@@ -17,7 +17,7 @@ from pathlib import Path
 import comfy.model_detection
 from comfy_api.latest import ComfyExtension, io
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.append(str(Path(__file__).resolve().parents[2]))  # after ComfyUI: the repo root has a nodes/ package
 from devtools import tiny_models  # noqa: E402
 
 _detect = comfy.model_detection.detect_unet_config

@@ -1,0 +1,234 @@
+"""Distil an ArcFlow adapter (LoRA + momentum heads) from the connected model, data-free.
+
+The official objective (reference arcflow.md §4.1, π-ID with an analytic rollout), sized down:
+for each student step σ_a → σ_b of the few-step schedule, the student is evaluated once at its own
+(detached) state x_a, giving the policy. Intermediate sigmas σ_c in the step are drawn; the state
+x_c is reached by moving along the detached student policy for a (1 − r) share of the way and along
+the teacher (Euler) for the rest, r decaying from 1 to 0 over the first half of training; there the
+student's velocity u(σ_c) = Σ π m γ^(σ_a−σ_c) is matched to the teacher's (guided) velocity. The
+next step starts from the detached student rollout.
+
+One patched model plays both parts: in teacher mode the heads, the new norm and the LoRA are
+bypassed, so no second copy of the weights is needed. Every model call goes through ComfyUI's own
+CFGGuider (the teacher with the graph's CFG, the student at cfg 1: guidance is distilled in).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from . import GlanceError, arcflow, arcflow_model, training
+
+
+@dataclass
+class DistillResult:
+    adapter: dict[str, torch.Tensor]  # the released layout: unprefixed PEFT LoRA + norm_out + heads
+    losses: list[float]
+    model: object  # the student patcher (heads attached, LoRA as forward hooks)
+
+
+def initial_heads(model_patcher, k: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Official init: means = the base projection replicated K times (+ N(0, 0.05) bias per component and
+    channel), gates 0 (uniform), λ bias = ln of log-spaced γ in [0.2, 4]; norm = the base norm."""
+    model = model_patcher.model
+    norm_path, proj_path, swap = arcflow_model._layout(model)
+    proj, norm = model_patcher.get_model_object(proj_path), model_patcher.get_model_object(norm_path)
+    cfg = model.model_config.unet_config
+    p2, ch = cfg.get("patch_size", 2) ** 2, cfg.get("out_channels", 16)
+    hidden = proj.in_features
+    w = proj.weight.detach().to("cpu", torch.float32)
+    b = proj.bias.detach().to("cpu", torch.float32) if proj.bias is not None else torch.zeros(w.shape[0])
+    noise = 0.05 * torch.randn(k, ch, 1, generator=gen).expand(k, ch, p2).reshape(-1)
+    nw = norm.weight.detach().to("cpu", torch.float32)
+    nb = norm.bias.detach().to("cpu", torch.float32) if norm.bias is not None else None
+    if swap:  # stored in diffusers order, like a released adapter
+        nw = torch.cat(nw.chunk(2, 0)[::-1], 0)
+        nb = torch.cat(nb.chunk(2, 0)[::-1], 0) if nb is not None else None
+    out = {
+        "norm_out.linear.weight": nw,
+        "proj_out_means.weight": w.repeat(k, 1),
+        "proj_out_means.bias": b.repeat(k) + noise,
+        "proj_out_logweights.weight": torch.zeros(k * p2, hidden),
+        "proj_out_logweights.bias": torch.zeros(k * p2),
+        "proj_out_loggamma.weight": torch.zeros((k - 1) * p2, hidden),
+        "proj_out_loggamma.bias": arcflow.init_loggamma_bias(k)[:, None].expand(k - 1, p2).reshape(-1).clone(),
+    }
+    if nb is not None:
+        out["norm_out.linear.bias"] = nb
+    return out
+
+
+def distill(
+    model_patcher,
+    captions: list[tuple[list, list | None]],
+    *,
+    teacher_cfg: float,
+    iterations: int,
+    steps: int = 2,
+    shift: float = 3.2,
+    k: int = 16,
+    rank: int = 16,
+    lr: float = 1e-3,
+    batch: int = 4,
+    seed: int = 0,
+    latent_shape: tuple[int, ...],
+    intermediates: int = 2,
+    targets: str = "arcflow",
+    on_step: Callable[[int, float], None] | None = None,
+) -> DistillResult:
+    """Distil (see module doc). ``captions``: (positive, negative) conditionings, cloned outside inference mode."""
+    with torch.inference_mode(False):
+        return _distill(
+            model_patcher,
+            captions,
+            teacher_cfg,
+            iterations,
+            steps,
+            shift,
+            k,
+            rank,
+            lr,
+            batch,
+            seed,
+            latent_shape,
+            intermediates,
+            targets,
+            on_step,
+        )
+
+
+def _distill(
+    model_patcher,
+    captions,
+    teacher_cfg,
+    iterations,
+    steps,
+    shift,
+    k,
+    rank,
+    lr,
+    batch,
+    seed,
+    latent_shape,
+    intermediates,
+    targets,
+    on_step,
+) -> DistillResult:
+    import comfy.model_management as mm
+    import comfy.patcher_extension as pe
+    import comfy.samplers
+
+    if k < 2:
+        raise GlanceError(f"ArcFlow needs at least 2 momentum components (got K = {k}).")
+    gen = torch.Generator().manual_seed(seed)
+    training._normal_weights(model_patcher.model)
+    student = model_patcher.clone()
+    lora = training.TrainableLoRA(model_patcher, targets, rank, float(rank), gen)
+    student.set_injections(f"arcflow_lora_{seed}", [pe.PatcherInjection(inject=lora.inject, eject=lora.eject)])
+    state = arcflow_model.attach_heads(student, initial_heads(model_patcher, k, gen), k, shift)
+    heads, norm = student.attachments[arcflow_model.STATE_KEY + "_modules"]
+    head_params = [p.requires_grad_(True) for p in heads.parameters()]
+    norm_params = [p.requires_grad_(True) for p in norm.linear.parameters()]
+    gamma_params = [p for name, p in heads.named_parameters() if "loggamma" in name]
+    other_heads = [p for p in head_params if all(p is not g for g in gamma_params)]
+    params = lora.parameters() + head_params + norm_params
+    training.block_patches(student, params)
+    opt = torch.optim.AdamW(
+        [{"params": lora.parameters() + other_heads + norm_params}, {"params": gamma_params, "lr": lr * 0.1}],
+        lr=lr,
+        betas=(0.9, 0.95),
+        weight_decay=0.0,
+    )
+    sched = arcflow.schedule(steps, shift)
+    guider = comfy.samplers.CFGGuider(student)
+    dummy = torch.tensor([1.0, 0.0])
+    losses: list[float] = []
+
+    def call(x: torch.Tensor, sigma: float, teacher: bool, fn: Callable, cond) -> None:
+        """One ComfyUI model evaluation of the patched model, in teacher or student mode."""
+        pos, neg = cond
+        state.teacher_mode, lora.enabled = teacher, not teacher
+        use_cfg = teacher and teacher_cfg != 1.0 and neg is not None
+        guider.set_conds(pos, neg if use_cfg else [])
+        guider.set_cfg(teacher_cfg if use_cfg else 1.0)
+
+        def one(model_wrap, extra_args, latent):
+            s = torch.full((x.shape[0],), sigma, dtype=torch.float32)
+            fn(model_wrap(x, s, **extra_args))
+            return latent
+
+        guider.sample(
+            torch.zeros_like(x[:1]),
+            torch.zeros_like(x[:1]),
+            training._OneStep(one).sampler,
+            dummy,
+            disable_pbar=True,
+            seed=seed,
+        )
+
+    def teacher_velocity(x, sigma, cond) -> torch.Tensor:
+        out = {}
+        with torch.no_grad():
+            call(x, sigma, True, lambda den: out.setdefault("v", (x - den) / sigma), cond)
+        return out["v"].to(torch.float32)
+
+    def student_policy(x, sigma, cond, grad: bool):
+        out = {}
+        with torch.enable_grad() if grad else torch.no_grad():
+            call(x, sigma, False, lambda den: out.setdefault("p", state.policy(x)), cond)
+        return out["p"]
+
+    try:
+        for it in range(iterations):
+            mm.throw_exception_if_processing_interrupted()
+            cond = captions[it % len(captions)]
+            r = max(0.0, 1.0 - it / max(1, iterations // 2))  # teacher share, 1 → 0 over the first half
+            x = torch.randn((batch, *latent_shape[1:]), generator=gen)
+            total = 0.0
+            for i in range(steps):
+                sa, sb = sched[i], sched[i + 1]
+                pol = [t.detach() for t in student_policy(x, sa, cond, grad=False)]
+                # Intermediate states and the teacher's velocity there (no gradients).
+                pairs = []
+                for _ in range(intermediates):
+                    u = 0.05 + 0.95 * float(torch.rand((), generator=gen))
+                    sc = sa - u * (sa - sb)
+                    smid = sa - (1.0 - r) * (sa - sc)
+                    xc = x - arcflow.displacement(*pol, sa, smid).to(x.dtype)
+                    if smid > sc:  # the teacher's share of the way, in two Euler substeps
+                        for s0, s1 in ((smid, (smid + sc) / 2), ((smid + sc) / 2, sc)):
+                            xc = xc + teacher_velocity(xc, s0, cond) * (s1 - s0)
+                    pairs.append((sa - sc, teacher_velocity(xc, sc, cond)))
+                # The student's velocities there, with gradients (LoRA on while backward recomputes blocks).
+                means, logits, lam = student_policy(x, sa, cond, grad=True)
+                with torch.enable_grad():
+                    loss = sum(
+                        torch.nn.functional.mse_loss(arcflow.velocity(means, logits, lam, el), v) for el, v in pairs
+                    ) / len(pairs)
+                    loss.backward()
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise GlanceError(
+                        f"ArcFlow distillation diverged at iteration {it + 1} (loss {value}): lower the "
+                        f"learning rate ({lr}). Nothing was saved."
+                    )
+                total += value
+                x = (x - arcflow.displacement(*pol, sa, sb).to(x.dtype)).detach()
+            torch.nn.utils.clip_grad_norm_(params, 50.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(total / steps)
+            if on_step:
+                on_step(it, losses[-1])
+    finally:
+        state.teacher_mode, lora.enabled = False, True
+        for p in params:
+            p.requires_grad_(False)
+        opt.zero_grad(set_to_none=True)
+    adapter = {key[len("transformer.") :]: v for key, v in lora.state_dict().items()}
+    adapter.update(arcflow_model.export_heads(student))
+    return DistillResult(adapter, losses, student)
