@@ -18,14 +18,27 @@ from .workflow import Graph, Node, build_ui
 
 WORKFLOWS = comfy_env.REPO / "workflows"
 PACK = ("comfyui-glance", "0.1.0")
-PACK_NODES = ("SlowFastScheduler", "PhaseAwareLoRALoader", "GlanceQwenNormCFG", "OneShotTrainer", "ArcFlowSampler")
+PACK_NODES = (
+    "SlowFastScheduler",
+    "PhaseAwareLoRALoader",
+    "GlanceQwenNormCFG",
+    "OneShotTrainer",
+    "ArcFlowSampler",
+    "ArcFlowLoader",
+    "ArcFlowDistiller",
+)
 PROMPT = "a red fox sitting in fresh snow at golden hour, detailed fur, shallow depth of field"
 X = [0, 400, 800, 1200, 1600]
 
 
-def _sampling_tail(g: Graph, guider: Node, sigmas: tuple[Node, int], vae: Node, prefix: str, x: int) -> None:
+def _sampling_tail(
+    g: Graph, guider: Node, sigmas: tuple[Node, int], vae: Node, prefix: str, x: int, arcflow: bool = False
+) -> None:
     noise = g.add(Node(20, "RandomNoise", (x, 0), {"noise_seed": 42}, size=(300, 90)))
-    sampler = g.add(Node(21, "KSamplerSelect", (x, 130), {"sampler_name": "euler"}, size=(300, 60)))
+    if arcflow:
+        sampler = g.add(Node(21, "ArcFlowSampler", (x, 130), size=(300, 40)))
+    else:
+        sampler = g.add(Node(21, "KSamplerSelect", (x, 130), {"sampler_name": "euler"}, size=(300, 60)))
     latent = g.add(
         Node(22, "EmptySD3LatentImage", (x, 230), {"width": 1024, "height": 1024, "batch_size": 1}, size=(300, 110))
     )
@@ -326,7 +339,82 @@ def glance_train_flux() -> Graph:
     return g
 
 
+def _qwen_loaders(g: Graph) -> tuple[Node, Node, Node]:
+    unet = g.add(
+        Node(
+            1,
+            "UNETLoader",
+            (X[0], 0),
+            {"unet_name": "qwen_image_bf16.safetensors", "weight_dtype": "default"},
+            size=(340, 90),
+        )
+    )
+    clip = g.add(
+        Node(
+            2,
+            "CLIPLoader",
+            (X[0], 140),
+            {"clip_name": "qwen_2.5_vl_7b.safetensors", "type": "qwen_image", "device": "default"},
+            size=(340, 110),
+        )
+    )
+    vae = g.add(Node(3, "VAELoader", (X[0], 300), {"vae_name": "qwen_image_vae.safetensors"}, size=(340, 60)))
+    return unet, clip, vae
+
+
+def arcflow_graph(arch: str) -> Graph:
+    g = Graph()
+    if arch == "flux":
+        unet, vae, cond = _flux_loaders(g)
+        adapter = "arcflow_flux_2steps.safetensors"
+    else:
+        unet, clip, vae = _qwen_loaders(g)
+        cond = g.add(Node(4, "CLIPTextEncode", (X[1], 300), {"text": PROMPT}, title="Prompt", size=(360, 140)))
+        g.link(clip, 0, cond, "clip")
+        adapter = "arcflow_qwen_2steps.safetensors"
+    loader = g.add(
+        Node(7, "ArcFlowLoader", (X[1], 0), {"adapter": adapter, "strength": 1.0, "shift": 3.2}, size=(340, 130))
+    )
+    g.link(unet, 0, loader, "model")
+    sched = g.add(
+        Node(
+            6,
+            "BasicScheduler",
+            (X[2], 0),
+            {"scheduler": "simple", "steps": 2, "denoise": 1.0},
+            size=(300, 110),
+            title="2 steps: sigmas 1.0, 0.7619, 0",
+        )
+    )
+    g.link(loader, 0, sched, "model")
+    guider = g.add(Node(8, "BasicGuider", (X[2], 160), size=(240, 50), title="BasicGuider (cfg 1)"))
+    g.link(loader, 0, guider, "model")
+    g.link(cond, 0, guider, "conditioning")
+    _sampling_tail(g, guider, (sched, 0), vae, f"arcflow_{arch}_2step", X[3], arcflow=True)
+    guidance = "FluxGuidance 3.5 (the adapters only work with it)" if arch == "flux" else "no CFG (distilled in)"
+    g.add(
+        Node(
+            30,
+            "Note",
+            (X[0], 440),
+            size=(340, 260),
+            text=(
+                f"ArcFlow {'FLUX.1' if arch == 'flux' else 'Qwen-Image'} in 2 model evaluations.\n\n"
+                "ArcFlow Adapter Loader attaches the released adapter (LoRA + momentum heads) to the base model. "
+                "BasicScheduler 'simple' with 2 steps on that model gives the official sigmas "
+                "1.0, 0.7619, 0 (shift 3.2). "
+                f"ArcFlow Sampler integrates each step in closed form. Guidance: {guidance}.\n\n"
+                "Put the adapter (diffusion_pytorch_model.safetensors of ymyy307/ArcFlow, renamed) in models/loras, or "
+                "distil your own with ArcFlow Distiller."
+            ),
+        )
+    )
+    return g
+
+
 WORKFLOW_BUILDERS = {
+    "arcflow_flux_2step": lambda: arcflow_graph("flux"),
+    "arcflow_qwen_image_2step": lambda: arcflow_graph("qwen_image"),
     "glance_flux_train_one_image": glance_train_flux,
     "glance_flux_10step": glance_flux,
     "glance_qwen_image_10step": glance_qwen,

@@ -268,6 +268,8 @@ WORKFLOW_ASSETS = {
     "loras/glance_flux_fast.safetensors": ("lora", "flux", 2),
     "loras/glance_qwen_slow.safetensors": ("lora", "qwen_image", 1),
     "loras/glance_qwen_fast.safetensors": ("lora", "qwen_image", 2),
+    "loras/arcflow_flux_2steps.safetensors": ("arcflow", "flux", 3),
+    "loras/arcflow_qwen_2steps.safetensors": ("arcflow", "qwen_image", 3),
     "vae/ae.safetensors": ("vae", "flux", 0),
     "vae/qwen_image_vae.safetensors": ("vae", "qwen_image", 0),
 }
@@ -285,6 +287,8 @@ def write_workflow_assets(models_dir: Path, lora_std: float = 0.05) -> None:
             save(path, arch, seed)
         elif kind == "lora":
             save_lora(path, glance_lora(arch, seed, std=lora_std))
+        elif kind == "arcflow":
+            save_lora(path, arcflow_adapter(arch, seed))
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             save_file(tiny_vae_state_dict(arch, seed), str(path))

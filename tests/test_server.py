@@ -13,7 +13,15 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
-PACK_NODES = {"SlowFastScheduler", "PhaseAwareLoRALoader", "GlanceQwenNormCFG", "OneShotTrainer"}
+PACK_NODES = {
+    "SlowFastScheduler",
+    "PhaseAwareLoRALoader",
+    "GlanceQwenNormCFG",
+    "OneShotTrainer",
+    "ArcFlowLoader",
+    "ArcFlowSampler",
+    "ArcFlowDistiller",
+}
 
 
 @pytest.fixture(scope="module")
