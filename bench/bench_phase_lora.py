@@ -29,28 +29,25 @@ import torch
 
 from devtools import comfy_env, tiny_models
 
-FLUX_DEV = dict(
-    image_model="flux",
-    in_channels=16,
-    out_channels=16,
-    vec_in_dim=768,
-    context_in_dim=4096,
-    hidden_size=3072,
-    mlp_ratio=4.0,
-    num_heads=24,
-    depth=19,
-    depth_single_blocks=38,
-    axes_dim=[16, 56, 56],
-    theta=10000,
-    patch_size=2,
-    qkv_bias=True,
-    guidance_embed=True,
-)
-
 
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def time_interleaved(variants: dict, repeats: int, device: str) -> dict[str, list[float]]:
+    """Wall times of each variant, run round-robin ``repeats`` times after one warm-up call each."""
+    for f in variants.values():
+        f()
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(repeats):
+        for k, f in variants.items():
+            _sync(device)
+            t = time.perf_counter()
+            f()
+            _sync(device)
+            times[k].append(time.perf_counter() - t)
+    return times
 
 
 def build_model(cfg: dict, device: str, dtype: torch.dtype, seed: int = 0):
@@ -117,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     import folder_paths
 
     glance = comfy_env.pack().glance_core
-    cfg = FLUX_DEV if args.full else tiny_models.FLUX_TINY
+    cfg = tiny_models.FLUX_DEV if args.full else tiny_models.FLUX_TINY
     dtype = torch.bfloat16 if args.full else torch.float32
     size = args.size or (1024 if args.full else 512)
     args.rank = args.rank or max(1, round(16 * cfg["hidden_size"] / 3072))
@@ -180,15 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
         return run(model, sigmas, pos_hooked, latent, noise)
 
     variants = {"plain": v_plain, "glance": v_glance, "two_stage": v_two_stage, "hooks": v_hooks}
-    outputs = {k: f() for k, f in variants.items()}  # warm-up (loads, patches, compiles kernels)
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(args.repeats):
-        for k, f in variants.items():
-            _sync(args.device)
-            t = time.perf_counter()
-            f()
-            _sync(args.device)
-            times[k].append(time.perf_counter() - t)
+    outputs = {k: f() for k, f in variants.items()}  # for the max-difference check
+    times = time_interleaved(variants, args.repeats, args.device)
 
     # One bare model evaluation, and the loader's gate (what a switch costs).
     mm.load_models_gpu([model])

@@ -23,14 +23,14 @@ import torch
 
 
 def _worker(args) -> dict:
-    from bench.bench_phase_lora import FLUX_DEV, build_model, conditioning
+    from bench.bench_phase_lora import build_model, conditioning
     from devtools import comfy_env, tiny_models
 
     nodes = comfy_env.import_comfy(cpu=args.device == "cpu")
     import numpy as np
     from skimage import data
 
-    cfg = FLUX_DEV if args.full else tiny_models.FLUX_TINY
+    cfg = tiny_models.FLUX_DEV if args.full else tiny_models.FLUX_TINY
     dtype = torch.bfloat16 if args.full else torch.float32
     # Built outside inference mode: on CPU, TrainLoraNode cannot train a model whose weights are
     # inference-mode tensors (what a loader node makes there); ours converts them, so give both the same start.

@@ -174,8 +174,7 @@ def flux_base() -> Graph:
     return g
 
 
-def glance_qwen() -> Graph:
-    g = Graph()
+def _qwen_loaders(g: Graph) -> tuple[Node, Node, Node]:
     unet = g.add(
         Node(
             1,
@@ -195,6 +194,12 @@ def glance_qwen() -> Graph:
         )
     )
     vae = g.add(Node(3, "VAELoader", (X[0], 300), {"vae_name": "qwen_image_vae.safetensors"}, size=(340, 60)))
+    return unet, clip, vae
+
+
+def glance_qwen() -> Graph:
+    g = Graph()
+    unet, clip, vae = _qwen_loaders(g)
     pos = g.add(Node(4, "CLIPTextEncode", (X[1], 300), {"text": PROMPT}, title="Prompt", size=(360, 140)))
     neg = g.add(
         Node(5, "CLIPTextEncode", (X[1], 480), {"text": " "}, title="Negative prompt (official: ' ')", size=(360, 100))
@@ -337,29 +342,6 @@ def glance_train_flux() -> Graph:
         )
     )
     return g
-
-
-def _qwen_loaders(g: Graph) -> tuple[Node, Node, Node]:
-    unet = g.add(
-        Node(
-            1,
-            "UNETLoader",
-            (X[0], 0),
-            {"unet_name": "qwen_image_bf16.safetensors", "weight_dtype": "default"},
-            size=(340, 90),
-        )
-    )
-    clip = g.add(
-        Node(
-            2,
-            "CLIPLoader",
-            (X[0], 140),
-            {"clip_name": "qwen_2.5_vl_7b.safetensors", "type": "qwen_image", "device": "default"},
-            size=(340, 110),
-        )
-    )
-    vae = g.add(Node(3, "VAELoader", (X[0], 300), {"vae_name": "qwen_image_vae.safetensors"}, size=(340, 60)))
-    return unet, clip, vae
 
 
 def arcflow_graph(arch: str) -> Graph:

@@ -42,6 +42,35 @@ QWEN_TINY = dict(
     axes_dims_rope=[8, 12, 12],
 )
 CONFIGS = {"flux": FLUX_TINY, "qwen_image": QWEN_TINY}
+#: The full-size architectures (FLUX.1-dev, Qwen-Image 20B), for GPU benchmarks and layout checks on "meta".
+FLUX_DEV = dict(
+    image_model="flux",
+    in_channels=16,
+    out_channels=16,
+    vec_in_dim=768,
+    context_in_dim=4096,
+    hidden_size=3072,
+    mlp_ratio=4.0,
+    num_heads=24,
+    depth=19,
+    depth_single_blocks=38,
+    axes_dim=[16, 56, 56],
+    theta=10000,
+    patch_size=2,
+    qkv_bias=True,
+    guidance_embed=True,
+)
+QWEN_IMAGE = dict(
+    image_model="qwen_image",
+    patch_size=2,
+    in_channels=64,
+    out_channels=16,
+    num_layers=60,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=3584,
+    axes_dims_rope=[16, 56, 56],
+)
 META_KEY = "glance_tiny_config"
 
 

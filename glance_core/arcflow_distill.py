@@ -62,6 +62,7 @@ def initial_heads(model_patcher, k: int, gen: torch.Generator) -> dict[str, torc
     return out
 
 
+@training.outside_inference_mode(grad=None)
 def distill(
     model_patcher,
     captions: list[tuple[list, list | None]],
@@ -81,43 +82,6 @@ def distill(
     on_step: Callable[[int, float], None] | None = None,
 ) -> DistillResult:
     """Distil (see module doc). ``captions``: (positive, negative) conditionings, cloned outside inference mode."""
-    with torch.inference_mode(False):
-        return _distill(
-            model_patcher,
-            captions,
-            teacher_cfg,
-            iterations,
-            steps,
-            shift,
-            k,
-            rank,
-            lr,
-            batch,
-            seed,
-            latent_shape,
-            intermediates,
-            targets,
-            on_step,
-        )
-
-
-def _distill(
-    model_patcher,
-    captions,
-    teacher_cfg,
-    iterations,
-    steps,
-    shift,
-    k,
-    rank,
-    lr,
-    batch,
-    seed,
-    latent_shape,
-    intermediates,
-    targets,
-    on_step,
-) -> DistillResult:
     import comfy.model_management as mm
     import comfy.patcher_extension as pe
     import comfy.samplers

@@ -23,6 +23,8 @@ alpha/rank folded into lora_B, so ComfyUI and diffusers both load them at streng
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -64,6 +66,22 @@ TARGETS: dict[str, dict[str, str]] = {
 }
 #: Official hyper-parameters per architecture: rank, alpha, learning rate (glance.md §3.2).
 OFFICIAL = {"flux": (16, 64.0, 5e-4), "qwen_image": (32, 128.0, 3e-4)}
+
+
+def outside_inference_mode(grad: bool | None):
+    """Run the function outside ComfyUI's inference mode (node execution runs inside it), with autograd on
+    (True), off (False) or as the caller has it (None)."""
+
+    def deco(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            mode = contextlib.nullcontext() if grad is None else torch.enable_grad() if grad else torch.no_grad()
+            with torch.inference_mode(False), mode:
+                return fn(*args, **kwargs)
+
+        return inner
+
+    return deco
 
 
 def architecture(model_patcher) -> str:
@@ -335,13 +353,8 @@ def block_patches(model_patcher, params: list[torch.Tensor]) -> None:
             model_patcher.set_model_patch_replace(patch, "dit", kind, i)
 
 
-def train_expert(model_patcher, job: ExpertJob, **kwargs) -> TrainResult:
-    """Train one expert (see :func:`_train_expert`), outside ComfyUI's inference mode."""
-    with torch.inference_mode(False), torch.enable_grad():
-        return _train_expert(model_patcher, job, **kwargs)
-
-
-def _train_expert(
+@outside_inference_mode(grad=True)
+def train_expert(
     model_patcher,
     job: ExpertJob,
     *,
@@ -481,6 +494,7 @@ def fine_grid(percent_to_sigma: Callable[[float], float], base_steps: int, glanc
     return out
 
 
+@outside_inference_mode(grad=False)
 def teacher_trajectories(
     model_patcher,
     captions: list[tuple[list, list | None]],
@@ -494,11 +508,6 @@ def teacher_trajectories(
 ) -> dict:
     """Roll the frozen model out with Euler over ``grid`` (CFG ``cfg``) from ``noises`` seeded noises per
     caption; keep the states at the sigmas in ``keep``. Runs through ComfyUI's own CFGGuider."""
-    with torch.inference_mode(False), torch.no_grad():
-        return _teacher_trajectories(model_patcher, captions, cfg, noises, seed, latent_shape, grid, keep, on_step)
-
-
-def _teacher_trajectories(model_patcher, captions, cfg, noises, seed, latent_shape, grid, keep, on_step) -> dict:
     import comfy.samplers
 
     # Grid index → Glance sigma (the grid holds the exact Glance values; compare by index, not by float32 value).

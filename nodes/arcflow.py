@@ -14,7 +14,7 @@ from tqdm.auto import trange
 from ..glance_core import GlanceError, arcflow_distill, arcflow_model, lora_files, training
 from ..glance_core.plots import loss_curve
 from . import trainer
-from .common import CATEGORY, require_flow_model
+from .common import CATEGORY, caption_inputs, guidance_inputs, require_flow_model, save_inputs
 
 
 class ArcFlowLoader(io.ComfyNode):
@@ -185,38 +185,12 @@ class ArcFlowDistiller(io.ComfyNode):
                     step=0.01,
                     tooltip="Fixed sigma shift of the student's schedule (official 3.2).",
                 ),
-                io.Conditioning.Input(
-                    "negative", optional=True, tooltip="Teacher CFG negative (Qwen-Image official: empty prompt)."
+                *guidance_inputs(
+                    "Teacher CFG negative (Qwen-Image official: empty prompt).",
+                    "Teacher CFG (Qwen-Image official 4). The student runs at cfg 1.",
                 ),
-                io.Float.Input(
-                    "cfg",
-                    default=1.0,
-                    min=1.0,
-                    max=30.0,
-                    step=0.1,
-                    optional=True,
-                    tooltip="Teacher CFG (Qwen-Image official 4). The student runs at cfg 1.",
-                ),
-                io.Clip.Input("clip", optional=True, tooltip="Text encoder for the extra captions."),
-                io.String.Input(
-                    "captions",
-                    default="",
-                    multiline=True,
-                    optional=True,
-                    tooltip="More captions, one per line (needs clip).",
-                ),
-                io.String.Input(
-                    "save_name",
-                    default="",
-                    optional=True,
-                    tooltip="If set, saves models/loras/<save_name>.safetensors (ArcFlow Adapter Loader reads it).",
-                ),
-                io.Boolean.Input(
-                    "overwrite",
-                    default=False,
-                    optional=True,
-                    tooltip="Allow replacing an existing file of the same name.",
-                ),
+                *caption_inputs(),
+                *save_inputs("<save_name>.safetensors (ArcFlow Adapter Loader reads it)"),
             ],
             outputs=[
                 io.Model.Output("arcflow_model", display_name="model", tooltip="The model with the distilled adapter."),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import comfy.model_sampling
+from comfy_api.latest import io
 
 from ..glance_core import GlanceError
 
@@ -19,3 +20,41 @@ def require_flow_model(model, node: str):
             f"{' + '.join(b.__name__ for b in type(ms).__bases__)}). Connect a flow model."
         )
     return ms
+
+
+def guidance_inputs(negative_tip: str, cfg_tip: str) -> list:
+    """Optional negative conditioning + CFG scale (teacher guidance for the trainers)."""
+    return [
+        io.Conditioning.Input("negative", optional=True, tooltip=negative_tip),
+        io.Float.Input("cfg", default=1.0, min=1.0, max=30.0, step=0.1, optional=True, tooltip=cfg_tip),
+    ]
+
+
+def caption_inputs(prefix: str = "") -> list:
+    """Optional text encoder + extra captions, one per line."""
+    return [
+        io.Clip.Input("clip", optional=True, tooltip=f"{prefix}text encoder for the extra captions."),
+        io.String.Input(
+            "captions",
+            default="",
+            multiline=True,
+            optional=True,
+            tooltip=f"{prefix}more captions, one per line (needs clip). More captions transfer better "
+            "to unseen prompts.",
+        ),
+    ]
+
+
+def save_inputs(files: str) -> list:
+    """Optional file name in models/loras + overwrite switch."""
+    return [
+        io.String.Input(
+            "save_name", default="", optional=True, tooltip=f"If set, saves {files} in models/loras (atomic write)."
+        ),
+        io.Boolean.Input(
+            "overwrite",
+            default=False,
+            optional=True,
+            tooltip="Allow replacing existing files of the same name (otherwise an error).",
+        ),
+    ]

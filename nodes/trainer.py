@@ -13,7 +13,7 @@ from comfy_api.latest import io
 
 from ..glance_core import GlanceError, experts, schedules, training
 from ..glance_core.plots import loss_curve
-from .common import CATEGORY, require_flow_model
+from .common import CATEGORY, caption_inputs, guidance_inputs, require_flow_model, save_inputs
 
 log = logging.getLogger("comfyui-glance")
 PRESET_FOR = {"flux": "glance_flux", "qwen_image": "glance_qwen_image"}
@@ -214,20 +214,10 @@ class OneShotTrainer(io.ComfyNode):
                     tooltip="Slow/Fast boundary of the connected sigmas (wire it from the scheduler); "
                     "ignored without sigmas.",
                 ),
-                io.Conditioning.Input(
-                    "negative",
-                    optional=True,
-                    tooltip="trajectory: negative caption for CFG (Qwen-Image official: ' ').",
-                ),
-                io.Float.Input(
-                    "cfg",
-                    default=1.0,
-                    min=1.0,
-                    max=30.0,
-                    step=0.1,
-                    optional=True,
-                    tooltip="trajectory: CFG of the teacher rollouts and of the student (Qwen-Image "
-                    "official: 5 with negative ' '; FLUX: 1, guidance comes from FluxGuidance).",
+                *guidance_inputs(
+                    "trajectory: negative caption for CFG (Qwen-Image official: ' ').",
+                    "trajectory: CFG of the teacher rollouts and of the student (Qwen-Image official: 5 with "
+                    "negative ' '; FLUX: 1, guidance comes from FluxGuidance).",
                 ),
                 io.Int.Input(
                     "noises",
@@ -246,27 +236,8 @@ class OneShotTrainer(io.ComfyNode):
                     tooltip="trajectory: steps of the teacher's fine schedule (its own 50-step schedule; "
                     "the Glance sigmas are added to it).",
                 ),
-                io.Clip.Input("clip", optional=True, tooltip="trajectory: text encoder for the extra captions."),
-                io.String.Input(
-                    "captions",
-                    default="",
-                    multiline=True,
-                    optional=True,
-                    tooltip="trajectory: more captions, one per line (needs clip). More captions = "
-                    "better transfer to unseen prompts.",
-                ),
-                io.String.Input(
-                    "save_name",
-                    default="",
-                    optional=True,
-                    tooltip="If set, saves models/loras/<save_name>_slow/_fast.safetensors (atomic).",
-                ),
-                io.Boolean.Input(
-                    "overwrite",
-                    default=False,
-                    optional=True,
-                    tooltip="Allow replacing existing files of the same name.",
-                ),
+                *caption_inputs("trajectory: "),
+                *save_inputs("<save_name>_slow/_fast.safetensors"),
             ],
             outputs=[
                 io.LoraModel.Output(

@@ -6,34 +6,6 @@ import pytest
 import torch
 
 ARCHS = ["flux", "qwen_image"]
-FLUX_DEV = dict(
-    image_model="flux",
-    in_channels=16,
-    out_channels=16,
-    vec_in_dim=768,
-    context_in_dim=4096,
-    hidden_size=3072,
-    mlp_ratio=4.0,
-    num_heads=24,
-    depth=19,
-    depth_single_blocks=38,
-    axes_dim=[16, 56, 56],
-    theta=10000,
-    patch_size=2,
-    qkv_bias=True,
-    guidance_embed=True,
-)
-QWEN_IMAGE = dict(
-    image_model="qwen_image",
-    patch_size=2,
-    in_channels=64,
-    out_channels=16,
-    num_layers=60,
-    attention_head_dim=128,
-    num_attention_heads=24,
-    joint_attention_dim=3584,
-    axes_dims_rope=[16, 56, 56],
-)
 
 
 def _n(comfy_nodes, name):
@@ -156,7 +128,7 @@ def test_sampler_refuses_what_it_cannot_do(comfy_nodes, tiny, arc):
             n("SamplerCustomAdvanced").execute(noise, guider, sampler, sigmas, {"samples": latent})
 
 
-@pytest.mark.parametrize("arch,config", [("flux", FLUX_DEV), ("qwen_image", QWEN_IMAGE)])
+@pytest.mark.parametrize("arch,config", [("flux", "FLUX_DEV"), ("qwen_image", "QWEN_IMAGE")])
 def test_full_size_official_layout_loads(comfy_nodes, glance, tiny, arch, config):
     """The released adapters' key list and shapes (reference arcflow.md §5) fit the full-size ComfyUI model."""
     import importlib
@@ -166,6 +138,7 @@ def test_full_size_official_layout_loads(comfy_nodes, glance, tiny, arch, config
 
     am = importlib.import_module(glance.__name__ + ".glance_core.arcflow_model")
     experts = importlib.import_module(glance.__name__ + ".glance_core.experts")
+    config = getattr(tiny, config)
     mc = (sm.Flux if arch == "flux" else sm.QwenImage)(dict(config))
     mc.set_inference_dtype(torch.bfloat16, None)
     model = comfy.model_patcher.ModelPatcher(mc.get_model({}, device="meta"), load_device="meta", offload_device="meta")
