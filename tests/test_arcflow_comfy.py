@@ -202,3 +202,35 @@ def test_distilled_adapter_beats_two_euler_steps_and_reloads(comfy_nodes, tiny, 
                 e_euler.append(float(((run(model, two, c, seed, euler) - ref) ** 2).mean() / (ref**2).mean()))
                 e_arc.append(float(((run(loaded, two, c, seed, arc) - ref) ** 2).mean() / (ref**2).mean()))
         assert sum(e_arc) < 0.7 * sum(e_euler), (e_arc, e_euler)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_identity_adapter_reproduces_the_base_model(comfy_nodes, glance, tiny, loras_dir, arch):
+    """An adapter whose heads all copy the base projection (no momentum, the base norm in diffusers order) must
+    sample exactly like the base model with euler: checks the norm mapping (FLUX scale/shift swap), the head
+    layout and the token unpacking end to end."""
+    import importlib
+
+    distill = importlib.import_module(glance.__name__ + ".glance_core.arcflow_distill")
+    model = tiny.build(arch, 0)
+    heads = distill.initial_heads(model, 4, torch.Generator().manual_seed(0))
+    heads["proj_out_means.bias"] = model.model.diffusion_model.state_dict()[
+        "final_layer.linear.bias" if arch == "flux" else "proj_out.bias"
+    ].repeat(4)
+    heads["proj_out_loggamma.bias"].zero_()
+    base = model.model.diffusion_model.state_dict()
+    if arch == "flux":  # diffusers' norm_out emits (scale, shift); ComfyUI's FLUX final layer chunks (shift, scale)
+        for p in ("weight", "bias"):
+            shift, scale = base[f"final_layer.adaLN_modulation.1.{p}"].chunk(2, 0)
+            heads[f"norm_out.linear.{p}"] = torch.cat([scale, shift], 0)
+    else:  # Qwen-Image: the same order in both
+        for p in ("weight", "bias"):
+            heads[f"norm_out.linear.{p}"] = base[f"norm_out.linear.{p}"]
+    tiny.save_lora(loras_dir / "identity.safetensors", heads)
+    arc_model = _n(comfy_nodes, "ArcFlowLoader").execute(model, "identity.safetensors", 1.0, 3.2).args[0]
+    shifted = _n(comfy_nodes, "ModelSamplingAuraFlow")().patch_aura(model, 3.2)[0]
+    pos, neg, latent = tiny.conditioning(arch, 1), tiny.conditioning(arch, 2), tiny.latent(arch)
+    ks = _n(comfy_nodes, "KSampler")()
+    a = ks.sample(arc_model, 3, 4, 1.0, "euler", "simple", pos, neg, {"samples": latent})[0]["samples"]
+    b = ks.sample(shifted, 3, 4, 1.0, "euler", "simple", pos, neg, {"samples": latent})[0]["samples"]
+    assert torch.allclose(a, b, atol=1e-4 * max(1.0, float(b.abs().max()))), float((a - b).abs().max())

@@ -341,3 +341,36 @@ def test_trajectory_objective_shrinks_the_gap_to_50_steps_on_held_out_seeds_and_
     held_plain, held_trained = gap(model, held_out, [5000]), gap(trained, held_out, [5000])
     assert seen_trained < 0.7 * seen_plain, (seen_plain, seen_trained)
     assert held_trained < held_plain, (held_plain, held_trained)
+
+
+def test_trains_a_bf16_model(comfy_nodes, glance, tiny, photo):
+    """Memory trick: base weights in bf16, LoRA factors trained in fp32."""
+    import importlib
+
+    import comfy.sd
+
+    training = importlib.import_module(glance.__name__ + ".glance_core.training")
+    with torch.inference_mode():
+        model = tiny.build("flux", 0, dtype=torch.bfloat16)
+        vae = comfy.sd.VAE(sd=tiny.tiny_vae_state_dict("flux", 0))
+        x0 = vae.encode(photo[:, ::8, ::8, :3])
+    assert next(model.model.diffusion_model.parameters()).dtype == torch.bfloat16
+    job = training.ExpertJob("slow", FLUX[:5], FLUX[1:6])
+    res = training.train_expert(
+        model,
+        job,
+        objective="official",
+        positive=tiny.conditioning("flux", 1),
+        negative=None,
+        cfg=1.0,
+        rank=4,
+        alpha=4.0,
+        lr=2e-3,
+        steps=40,
+        seed=0,
+        targets="official",
+        batch=4,
+        x0=x0,
+    )
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in res.state_dict.values())
+    assert np.mean(res.losses[-10:]) < np.mean(res.losses[:10])
