@@ -306,6 +306,7 @@ def glance_train_flux() -> Graph:
                 "cfg": 1.0,
                 "noises": 8,
                 "teacher_steps": 50,
+                "student_mix": 0.0,
                 "captions": "",
                 "save_name": "",
                 "overwrite": False,

@@ -373,10 +373,13 @@ def train_expert(
     trajectories: dict | None = None,
     weight_decay: float = 0.0,
     grad_clip: float = 1.0,
+    student_mix: float = 0.0,
     on_step: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
     """Train one expert. ``x0`` (VAE latent of the image) for ``official``; ``trajectories``
-    (from :func:`teacher_trajectories`) for ``trajectory``. Returns the saved-format state dict."""
+    (from :func:`teacher_trajectories`) for ``trajectory``; ``student_mix``: in the second half, the share
+    of steps trained on the student's own rollout states (refreshed 8 times), with the teacher's fine
+    rollout from each as the target. Returns the saved-format state dict."""
     import comfy.model_management as mm
     import comfy.patcher_extension as pe
     import comfy.samplers
@@ -444,20 +447,48 @@ def train_expert(
         i = int(torch.randint(len(job.sigmas), (1,), generator=gen))
         s0, s1 = job.sigmas[i], job.next_sigmas[i]
         drawn.append(s0)
-        states = data["states"]
-        n = states[s0].shape[0]
-        idx = torch.randint(n, (min(batch, n),), generator=gen)
-        x = states[s0][idx]
-        target = (states[s0][idx] - states[s1][idx]) / (s0 - s1)
+        own = data.get("student_pairs", {}).get(s0)
+        if own is not None and float(torch.rand((), generator=gen)) < student_mix:
+            states, targets = own  # the student's own states, with the teacher's average velocity from there
+            idx = torch.randint(states.shape[0], (min(batch, states.shape[0]),), generator=gen)
+            x, target = states[idx], targets[idx]
+        else:
+            states = data["states"]
+            n = states[s0].shape[0]
+            idx = torch.randint(n, (min(batch, n),), generator=gen)
+            x = states[s0][idx]
+            target = (states[s0][idx] - states[s1][idx]) / (s0 - s1)
         v = velocity(model_wrap, extra_args, x, s0)
         finish(torch.nn.functional.mse_loss(v.float(), target.float()), step)
         return latent
 
+    def student_pairs(data) -> None:
+        """Roll the current student from the teacher's state at the expert's first sigma through the expert's
+        steps; from each student state, the teacher's fine rollout to the next sigma gives the target."""
+        grid = trajectories["grid"]
+        x = data["states"][job.sigmas[0]]
+        pairs = {}
+        for s0, s1 in zip(job.sigmas, job.next_sigmas):
+            fine = [g for g in grid if s1 <= g <= s0]
+            with torch.no_grad():
+                lora.enabled = False
+                xt = _euler(guider, x, fine, seed)
+                lora.enabled = True
+                pairs[s0] = (x, (x - xt) / (s0 - s1))
+                x = _euler(guider, x, [s0, s1], seed)
+        data["student_pairs"] = pairs
+
     _normal_weights(model_patcher.model)
     lora.enabled = True
+    refresh = max(1, steps // 8)
     try:
         for step in range(steps):
             mm.throw_exception_if_processing_interrupted()
+            if objective == "trajectory" and student_mix > 0 and step >= steps // 2 and step % refresh == 0:
+                cap = trajectories["captions"][step % len(trajectories["captions"])]
+                guider.set_conds(cap["positive"], cap["negative"] or [])
+                guider.set_cfg(cap["cfg"])
+                student_pairs(cap)
             if objective == "official":
                 fn = official_step
                 noise = torch.zeros_like(data_latent)
@@ -476,6 +507,36 @@ def train_expert(
         lora.enabled = False
         opt.zero_grad(set_to_none=True)
     return TrainResult(lora.state_dict(), losses, drawn)
+
+
+def _euler(guider, x: torch.Tensor, sigmas: list[float], seed: int) -> torch.Tensor:
+    """Plain Euler over ``sigmas`` from state ``x`` (at sigmas[0]) with ComfyUI's sampler, through ``guider``."""
+    import comfy.samplers
+
+    if len(sigmas) < 2:
+        return x
+    out = {}
+
+    def run(model, x_in, sig, extra_args=None, callback=None, disable=None):
+        s_in = x_in.new_ones([x_in.shape[0]])
+        for i in range(len(sig) - 1):
+            den = model(x_in, sig[i] * s_in, **(extra_args or {}))
+            x_in = x_in + (x_in - den) / sig[i] * (sig[i + 1] - sig[i])
+        out["x"] = x_in
+        return x_in
+
+    # The state is passed as the "noise" at sigma = sigmas[0] with an empty latent: CONST noise scaling then
+    # gives sigma·x, so divide first.
+    s0 = float(sigmas[0])
+    guider.sample(
+        x / s0,
+        torch.zeros_like(x),
+        comfy.samplers.KSAMPLER(run),
+        torch.tensor(sigmas, dtype=torch.float32),
+        disable_pbar=True,
+        seed=seed,
+    )
+    return out["x"].to(torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -513,7 +574,7 @@ def teacher_trajectories(
     # Grid index → Glance sigma (the grid holds the exact Glance values; compare by index, not by float32 value).
     at = {i: s for i, s in enumerate(grid) if any(abs(s - k) < 1e-9 for k in keep)}
     keep_set = set(at.values())
-    out = {"captions": []}
+    out = {"captions": [], "grid": list(grid)}
     for c, (pos, neg) in enumerate(captions):
         record: dict[float, torch.Tensor] = {}
 

@@ -236,6 +236,16 @@ class OneShotTrainer(io.ComfyNode):
                     tooltip="trajectory: steps of the teacher's fine schedule (its own 50-step schedule; "
                     "the Glance sigmas are added to it).",
                 ),
+                io.Float.Input(
+                    "student_mix",
+                    default=0.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.05,
+                    optional=True,
+                    tooltip="trajectory: in the second half of training, the share of steps on the student's own "
+                    "rollout states (with the teacher's fine rollout from there as target). 0 = teacher states only.",
+                ),
                 *caption_inputs("trajectory: "),
                 *save_inputs("<save_name>_slow/_fast.safetensors"),
             ],
@@ -282,6 +292,7 @@ class OneShotTrainer(io.ComfyNode):
         cfg: float = 1.0,
         noises: int = 8,
         teacher_steps: int = 50,
+        student_mix: float = 0.0,
         clip=None,
         captions: str = "",
         save_name: str = "",
@@ -376,6 +387,7 @@ class OneShotTrainer(io.ComfyNode):
                 x0=x0,
                 trajectories=trajectories,
                 weight_decay=0.01 if arch == "flux" else 0.0,
+                student_mix=student_mix if objective == "trajectory" else 0.0,
                 on_step=on_step,
             )
         comfy.model_management.throw_exception_if_processing_interrupted()

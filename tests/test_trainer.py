@@ -374,3 +374,48 @@ def test_trains_a_bf16_model(comfy_nodes, glance, tiny, photo):
     )
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in res.state_dict.values())
     assert np.mean(res.losses[-10:]) < np.mean(res.losses[:10])
+
+
+def test_student_rollout_mixing(comfy_nodes, glance, tiny):
+    """The Euler helper behind the student-rollout option reproduces the teacher's own rollout, and mixing
+    student states in trains a different, finite LoRA."""
+    import importlib
+
+    import comfy.samplers
+
+    training = importlib.import_module(glance.__name__ + ".glance_core.training")
+    with torch.inference_mode():
+        model = tiny.build("flux", 0)
+    pos = training.clone_conditioning(tiny.conditioning("flux", 1))
+    ms = model.get_model_object("model_sampling")
+    grid = training.fine_grid(ms.percent_to_sigma, 50, FLUX)
+    traj = training.teacher_trajectories(model, [(pos, None)], 1.0, 4, 0, (1, 16, 4, 4), grid, FLUX)
+    states = traj["captions"][0]["states"]
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(pos, [])
+    guider.set_cfg(1.0)
+    seg = [g for g in grid if FLUX[6] <= g <= FLUX[5]]
+    with torch.inference_mode(False), torch.no_grad():
+        x = training._euler(guider, states[FLUX[5]], seg, 0)
+    assert torch.allclose(x, states[FLUX[6]], atol=1e-4 * float(states[FLUX[6]].abs().max()))
+
+    job = training.ExpertJob("fast", FLUX[5:10], FLUX[6:11])
+    kw = dict(
+        objective="trajectory",
+        positive=pos,
+        negative=None,
+        cfg=1.0,
+        rank=4,
+        alpha=4.0,
+        lr=1e-3,
+        steps=16,
+        seed=0,
+        targets="official",
+        batch=4,
+        trajectories=traj,
+    )
+    plain = training.train_expert(model, job, **kw)
+    mixed = training.train_expert(model, job, student_mix=1.0, **kw)
+    assert all(torch.isfinite(v).all() for v in mixed.state_dict.values())
+    assert any(not torch.equal(plain.state_dict[k], mixed.state_dict[k]) for k in plain.state_dict)
+    assert "student_pairs" in traj["captions"][0]
