@@ -343,6 +343,8 @@ class OneShotTrainer(io.ComfyNode):
             x0 = vae.encode(img[:, :, :, :3])
             cfg = 1.0
         pos_list = caption_list(positive, clip, captions)
+        if objective == "official" and arch == "flux":  # the released FLUX script feeds guidance 1.0 in training
+            pos_list = [[[t, {**d, "guidance": 1.0}] for t, d in c] for c in pos_list]
 
         total = len(wanted) * steps
         trajectories = None

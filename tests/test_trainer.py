@@ -419,3 +419,21 @@ def test_student_rollout_mixing(comfy_nodes, glance, tiny):
     assert all(torch.isfinite(v).all() for v in mixed.state_dict.values())
     assert any(not torch.equal(plain.state_dict[k], mixed.state_dict[k]) for k in plain.state_dict)
     assert "student_pairs" in traj["captions"][0]
+
+
+def test_official_flux_training_uses_guidance_one(comfy_nodes, tiny, flux, photo):
+    """The released FLUX recipe feeds guidance 1.0 while training, whatever the caption's FluxGuidance says."""
+    import comfy.patcher_extension as pe
+
+    model, vae = flux
+    seen = []
+
+    def wrapper(executor, x, t, *args, **kwargs):
+        seen.append(float(kwargs["guidance"].flatten()[0]))
+        return executor(x, t, *args, **kwargs)
+
+    m = model.clone()
+    m.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, "test_guidance", wrapper)
+    pos = tiny.conditioning("flux", 1, guidance=3.5)
+    train(comfy_nodes, m, pos, image=photo, vae=vae, expert="slow", steps=3)
+    assert seen and set(seen) == {1.0}
