@@ -87,21 +87,20 @@ def _flux_loaders(g: Graph) -> tuple[Node, Node, Node]:
     return unet, vae, flux_g
 
 
-def glance_flux() -> Graph:
-    g = Graph()
-    unet, vae, cond = _flux_loaders(g)
+def _glance_nodes(g: Graph, unet: Node, preset: str, shift_terminal: float, lora_prefix: str) -> tuple[Node, Node]:
+    """The Slow/Fast Scheduler and the Phase-Aware LoRA Loader of a Glance graph, wired to ``unet``."""
     sched = g.add(
         Node(
             6,
             "SlowFastScheduler",
             (X[1], 0),
             {
-                "preset": "glance_flux",
+                "preset": preset,
                 "base_steps": 50,
                 "slow_steps": 5,
                 "slow_stride": 2,
                 "fast_steps": 5,
-                "shift_terminal": 0.0,
+                "shift_terminal": shift_terminal,
             },
             size=(340, 230),
         )
@@ -112,8 +111,8 @@ def glance_flux() -> Graph:
             "PhaseAwareLoRALoader",
             (X[2], 0),
             {
-                "slow_lora": "glance_flux_slow.safetensors",
-                "fast_lora": "glance_flux_fast.safetensors",
+                "slow_lora": f"{lora_prefix}_slow.safetensors",
+                "fast_lora": f"{lora_prefix}_fast.safetensors",
                 "slow_strength": 1.0,
                 "fast_strength": 1.0,
                 "boundary_sigma": 0.9,
@@ -124,6 +123,13 @@ def glance_flux() -> Graph:
     g.link(unet, 0, sched, "model")
     g.link(unet, 0, lora, "model")
     g.link(sched, 1, lora, "boundary_sigma")
+    return sched, lora
+
+
+def glance_flux() -> Graph:
+    g = Graph()
+    unet, vae, cond = _flux_loaders(g)
+    sched, lora = _glance_nodes(g, unet, "glance_flux", 0.0, "glance_flux")
     guider = g.add(Node(8, "BasicGuider", (X[2], 260), size=(240, 50)))
     g.link(lora, 0, guider, "model")
     g.link(cond, 0, guider, "conditioning")
@@ -206,40 +212,7 @@ def glance_qwen() -> Graph:
     )
     g.link(clip, 0, pos, "clip")
     g.link(clip, 0, neg, "clip")
-    sched = g.add(
-        Node(
-            6,
-            "SlowFastScheduler",
-            (X[1], 0),
-            {
-                "preset": "glance_qwen_image",
-                "base_steps": 50,
-                "slow_steps": 5,
-                "slow_stride": 2,
-                "fast_steps": 5,
-                "shift_terminal": 0.02,
-            },
-            size=(340, 230),
-        )
-    )
-    lora = g.add(
-        Node(
-            7,
-            "PhaseAwareLoRALoader",
-            (X[2], 0),
-            {
-                "slow_lora": "glance_qwen_slow.safetensors",
-                "fast_lora": "glance_qwen_fast.safetensors",
-                "slow_strength": 1.0,
-                "fast_strength": 1.0,
-                "boundary_sigma": 0.9,
-            },
-            size=(360, 200),
-        )
-    )
-    g.link(unet, 0, sched, "model")
-    g.link(unet, 0, lora, "model")
-    g.link(sched, 1, lora, "boundary_sigma")
+    sched, lora = _glance_nodes(g, unet, "glance_qwen_image", 0.02, "glance_qwen")
     norm = g.add(Node(9, "GlanceQwenNormCFG", (X[2], 250), size=(300, 50)))
     g.link(lora, 0, norm, "model")
     guider = g.add(Node(8, "CFGGuider", (X[2], 340), {"cfg": 5.0}, size=(300, 100)))

@@ -55,6 +55,26 @@ def train(comfy_nodes, model, positive, **kw):
         return _n(comfy_nodes, "OneShotTrainer").execute(model, positive, **args).args
 
 
+def train_official(training, model, tiny, x0, job, steps: int):
+    """The core routine on the official objective: rank 4, lr 2e-3, batch 4."""
+    return training.train_expert(
+        model,
+        job,
+        objective="official",
+        positive=tiny.conditioning("flux", 1),
+        negative=None,
+        cfg=1.0,
+        rank=4,
+        alpha=4.0,
+        lr=2e-3,
+        steps=steps,
+        seed=0,
+        targets="official",
+        batch=4,
+        x0=x0,
+    )
+
+
 def record_sigmas(model):
     """A clone of ``model`` whose evaluations append their sigma to the returned list."""
     import comfy.patcher_extension as pe
@@ -74,7 +94,7 @@ def _state(model):
     return {k: v.detach().clone() for k, v in model.model.state_dict().items()}
 
 
-def test_official_loss_falls_on_a_real_photo(comfy_nodes, tiny, flux, photo):
+def test_node_trains_both_experts_from_a_real_photo(comfy_nodes, tiny, flux, photo):
     model, vae = flux
     pos = tiny.conditioning("flux", 1)
     slow, fast, _, curve = train(comfy_nodes, model, pos, image=photo, vae=vae, steps=60, learning_rate=2e-3, batch=4)
@@ -82,30 +102,14 @@ def test_official_loss_falls_on_a_real_photo(comfy_nodes, tiny, flux, photo):
     assert slow and fast and all(torch.isfinite(v).all() for v in slow.values())
 
 
-def test_loss_curve_and_loss_fall(comfy_nodes, glance, tiny, flux, photo):
+def test_official_loss_falls_on_a_real_photo(comfy_nodes, glance, tiny, flux, photo):
     import importlib
 
     training = importlib.import_module(glance.__name__ + ".glance_core.training")
     model, vae = flux
     with torch.inference_mode():
         x0 = vae.encode(photo[:, ::8, ::8, :3])
-    job = training.ExpertJob("fast", FLUX[5:10], FLUX[6:11])
-    res = training.train_expert(
-        model,
-        job,
-        objective="official",
-        positive=tiny.conditioning("flux", 1),
-        negative=None,
-        cfg=1.0,
-        rank=4,
-        alpha=4.0,
-        lr=2e-3,
-        steps=80,
-        seed=0,
-        targets="official",
-        batch=4,
-        x0=x0,
-    )
+    res = train_official(training, model, tiny, x0, training.ExpertJob("fast", FLUX[5:10], FLUX[6:11]), 80)
     first, last = np.mean(res.losses[:15]), np.mean(res.losses[-15:])
     assert last < 0.9 * first, (first, last)
 
@@ -355,23 +359,7 @@ def test_trains_a_bf16_model(comfy_nodes, glance, tiny, photo):
         vae = comfy.sd.VAE(sd=tiny.tiny_vae_state_dict("flux", 0))
         x0 = vae.encode(photo[:, ::8, ::8, :3])
     assert next(model.model.diffusion_model.parameters()).dtype == torch.bfloat16
-    job = training.ExpertJob("slow", FLUX[:5], FLUX[1:6])
-    res = training.train_expert(
-        model,
-        job,
-        objective="official",
-        positive=tiny.conditioning("flux", 1),
-        negative=None,
-        cfg=1.0,
-        rank=4,
-        alpha=4.0,
-        lr=2e-3,
-        steps=40,
-        seed=0,
-        targets="official",
-        batch=4,
-        x0=x0,
-    )
+    res = train_official(training, model, tiny, x0, training.ExpertJob("slow", FLUX[:5], FLUX[1:6]), 40)
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in res.state_dict.values())
     assert np.mean(res.losses[-10:]) < np.mean(res.losses[:10])
 
