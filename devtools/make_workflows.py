@@ -28,23 +28,70 @@ PACK_NODES = (
     "ArcFlowDistiller",
 )
 PROMPT = "a red fox sitting in fresh snow at golden hour, detailed fur, shallow depth of field"
-X = [0, 400, 800, 1200, 1600]
+#: Columns of the layout: read-me note, models, prompt, method (Glance / training / ArcFlow), sampling.
+X = [-440, 0, 420, 840, 1280, 1720]
+COLORS = {"models": "#3f789e", "prompt": "#8A8", "method": "#a1309b", "sampling": "#b58b2a", "image": "#88A"}
+
+
+def _note(g: Graph, node_id: int, pos: tuple[int, int], width: int, text: str, title: str | None = None) -> Node:
+    """A Note node tall enough for ``text`` (about 7 px per character, 16 px per line)."""
+    per_line = max(20, (width - 30) // 7)
+    lines = sum(max(1, -(-len(par) // per_line)) for par in text.split("\n"))
+    return g.add(Node(node_id, "Note", pos, size=(width, 40 + 16 * lines), title=title, text=text))
+
+
+def _section(g: Graph, title: str, members: list[Node], note_id: int, text: str, color: str) -> Node:
+    """A titled group around ``members`` and a Note explaining it, under the section's first column."""
+    x0 = min(n.pos[0] for n in members)
+    column = [n for n in members if n.pos[0] == x0]
+    bottom = max(n.pos[1] + n.size[1] for n in column)
+    note = _note(g, note_id, (x0, bottom + 60), max(n.size[0] for n in column), text, title=f"About: {title}")
+    boxed = [*members, note]
+    left = x0 - 20
+    top = min(n.pos[1] for n in boxed) - 30 - 60  # node title bar, then the group's own title
+    right = max(n.pos[0] + n.size[0] for n in boxed) + 20
+    low = max(n.pos[1] + n.size[1] for n in boxed) + 20
+    g.groups.append(
+        {
+            "id": len(g.groups) + 1,
+            "title": title,
+            "bounding": [left, top, right - left, low - top],
+            "color": color,
+            "font_size": 24,
+            "flags": {},
+        }
+    )
+    return note
 
 
 def _sampling_tail(
-    g: Graph, guider: Node, sigmas: tuple[Node, int], vae: Node, prefix: str, x: int, arcflow: bool = False
+    g: Graph,
+    guider: Node,
+    sigmas: tuple[Node, int],
+    vae: Node,
+    prefix: str,
+    x: int,
+    arcflow: bool = False,
+    y: int = 0,
+    extra: tuple[Node, ...] = (),
 ) -> None:
-    noise = g.add(Node(20, "RandomNoise", (x, 0), {"noise_seed": 42}, size=(300, 90)))
+    noise = g.add(Node(20, "RandomNoise", (x, y), {"noise_seed": 42}, size=(300, 90)))
     if arcflow:
-        sampler = g.add(Node(21, "ArcFlowSampler", (x, 130), size=(300, 40)))
+        sampler = g.add(Node(21, "ArcFlowSampler", (x, y + 140), size=(300, 40)))
     else:
-        sampler = g.add(Node(21, "KSamplerSelect", (x, 130), {"sampler_name": "euler"}, size=(300, 60)))
+        sampler = g.add(Node(21, "KSamplerSelect", (x, y + 140), {"sampler_name": "euler"}, size=(300, 60)))
     latent = g.add(
-        Node(22, "EmptySD3LatentImage", (x, 230), {"width": 1024, "height": 1024, "batch_size": 1}, size=(300, 110))
+        Node(
+            22,
+            "EmptySD3LatentImage",
+            (x, y + 250),
+            {"width": 1024, "height": 1024, "batch_size": 1},
+            size=(300, 110),
+        )
     )
-    run = g.add(Node(23, "SamplerCustomAdvanced", (x + 340, 0), size=(280, 110)))
-    decode = g.add(Node(24, "VAEDecode", (x + 340, 200), size=(220, 50)))
-    save = g.add(Node(25, "SaveImage", (x + 340, 300), {"filename_prefix": prefix}, size=(400, 420)))
+    run = g.add(Node(23, "SamplerCustomAdvanced", (x + 340, y), size=(280, 110)))
+    decode = g.add(Node(24, "VAEDecode", (x + 340, y + 160), size=(220, 50)))
+    save = g.add(Node(25, "SaveImage", (x + 340, y + 260), {"filename_prefix": prefix}, size=(400, 420)))
     g.link(noise, 0, run, "noise")
     g.link(guider, 0, run, "guider")
     g.link(sampler, 0, run, "sampler")
@@ -53,14 +100,33 @@ def _sampling_tail(
     g.link(run, 0, decode, "samples")
     g.link(vae, 0, decode, "vae")
     g.link(decode, 0, save, "images")
+    if arcflow:
+        text = (
+            "ArcFlow Sampler moves each step by the closed-form integral of the adapter's momentum velocities: "
+            "2 model evaluations per image. (KSamplerSelect 'euler' lands on the same image.)\n\n"
+        )
+    else:
+        text = (
+            "SamplerCustomAdvanced runs the sigmas above with euler; any sampler works (multistep samplers keep "
+            "their history across the Slow/Fast switch). Do not put the sigmas through another scheduler.\n\n"
+        )
+    text += (
+        "RandomNoise: the seed. EmptySD3LatentImage: the image size (the presets are made for 1024 x 1024). "
+        f"Save Image writes output/{prefix}_*.png."
+    )
+    _section(g, "Sample and save", [*extra, noise, sampler, latent, run, decode, save], 44, text, COLORS["sampling"])
 
 
-def _flux_loaders(g: Graph) -> tuple[Node, Node, Node]:
+def _readme(g: Graph, text: str) -> None:
+    _note(g, 30, (X[0], 0), 380, text, title="Read me")
+
+
+def _flux_loaders(g: Graph, image: bool = False) -> tuple[Node, Node, Node]:
     unet = g.add(
         Node(
             1,
             "UNETLoader",
-            (X[0], 0),
+            (X[1], 0),
             {"unet_name": "flux1-dev.safetensors", "weight_dtype": "default"},
             size=(340, 90),
         )
@@ -69,7 +135,7 @@ def _flux_loaders(g: Graph) -> tuple[Node, Node, Node]:
         Node(
             2,
             "DualCLIPLoader",
-            (X[0], 140),
+            (X[1], 140),
             {
                 "clip_name1": "clip_l.safetensors",
                 "clip_name2": "t5xxl_fp16.safetensors",
@@ -79,37 +145,56 @@ def _flux_loaders(g: Graph) -> tuple[Node, Node, Node]:
             size=(340, 130),
         )
     )
-    vae = g.add(Node(3, "VAELoader", (X[0], 320), {"vae_name": "ae.safetensors"}, size=(340, 60)))
-    text = g.add(Node(4, "CLIPTextEncode", (X[1], 300), {"text": PROMPT}, title="Prompt", size=(360, 140)))
+    vae = g.add(Node(3, "VAELoader", (X[1], 320), {"vae_name": "ae.safetensors"}, size=(340, 60)))
+    loaders_note = _section(
+        g,
+        "Models",
+        [unet, clip, vae],
+        40,
+        "FLUX.1-dev: the diffusion model from models/diffusion_models, the CLIP-L and T5-XXL text encoders from "
+        "models/text_encoders, the VAE (ae.safetensors) from models/vae. Pick your own file names in the lists.",
+        COLORS["models"],
+    )
+    text = g.add(Node(4, "CLIPTextEncode", (X[2], 0), {"text": PROMPT}, title="Prompt", size=(360, 140)))
     g.link(clip, 0, text, "clip")
-    flux_g = g.add(Node(5, "FluxGuidance", (X[1], 480), {"guidance": 3.5}, size=(300, 60)))
+    flux_g = g.add(Node(5, "FluxGuidance", (X[2], 190), {"guidance": 3.5}, size=(360, 60)))
     g.link(text, 0, flux_g, "conditioning")
+    _section(
+        g,
+        "Prompt",
+        [text, flux_g],
+        41,
+        "Describe the image. FluxGuidance 3.5 is FLUX.1-dev's built-in (distilled) guidance: FLUX.1-dev takes no "
+        "negative prompt and no CFG, so each step is ONE model evaluation.",
+        COLORS["prompt"],
+    )
+    if image:
+        _image_section(g, loaders_note)
     return unet, vae, flux_g
+
+
+def _image_section(g: Graph, above: Node) -> None:
+    y = above.pos[1] + above.size[1] + 140
+    image = g.add(Node(9, "LoadImage", (X[1], y), {"image": "example.png"}, size=(340, 360)))
+    _section(
+        g,
+        "Training image",
+        [image],
+        45,
+        "The ONE image the experts learn from (RGB, at least 64 px a side, at most 4:1). The trainer resizes its "
+        "longer side to 'resolution' (1024) and floors both sides to a multiple of 32. Describe it in the prompt.",
+        COLORS["image"],
+    )
 
 
 def _glance_nodes(g: Graph, unet: Node, preset: str, shift_terminal: float, lora_prefix: str) -> tuple[Node, Node]:
     """The Slow/Fast Scheduler and the Phase-Aware LoRA Loader of a Glance graph, wired to ``unet``."""
-    sched = g.add(
-        Node(
-            6,
-            "SlowFastScheduler",
-            (X[1], 0),
-            {
-                "preset": preset,
-                "base_steps": 50,
-                "slow_steps": 5,
-                "slow_stride": 2,
-                "fast_steps": 5,
-                "shift_terminal": shift_terminal,
-            },
-            size=(340, 230),
-        )
-    )
+    sched = _scheduler(g, preset, shift_terminal)
     lora = g.add(
         Node(
             7,
             "PhaseAwareLoRALoader",
-            (X[2], 0),
+            (X[3], 280),
             {
                 "slow_lora": f"{lora_prefix}_slow.safetensors",
                 "fast_lora": f"{lora_prefix}_fast.safetensors",
@@ -117,7 +202,7 @@ def _glance_nodes(g: Graph, unet: Node, preset: str, shift_terminal: float, lora
                 "fast_strength": 1.0,
                 "boundary_sigma": 0.9,
             },
-            size=(360, 200),
+            size=(380, 200),
         )
     )
     g.link(unet, 0, sched, "model")
@@ -126,30 +211,57 @@ def _glance_nodes(g: Graph, unet: Node, preset: str, shift_terminal: float, lora
     return sched, lora
 
 
+def _scheduler(g: Graph, preset: str, shift_terminal: float) -> Node:
+    return g.add(
+        Node(
+            6,
+            "SlowFastScheduler",
+            (X[3], 0),
+            {
+                "preset": preset,
+                "base_steps": 50,
+                "slow_steps": 5,
+                "slow_stride": 2,
+                "fast_steps": 5,
+                "shift_terminal": shift_terminal,
+            },
+            size=(380, 230),
+        )
+    )
+
+
+GLANCE_TEXT = (
+    "Slow/Fast Scheduler: preset {preset} gives the 10 official Glance sigmas (5 Slow + 5 Fast) and the boundary "
+    "sigma between the phases, wired into the loader (the other widgets only apply with preset 'custom').\n\n"
+    "Phase-Aware LoRA Loader: the Slow LoRA runs while sigma >= boundary, the Fast LoRA below it, inside ONE "
+    "sampling run. Strength 1.0 = as trained, 0 = expert off. The LoRA files go in models/loras."
+)
+
+
 def glance_flux() -> Graph:
     g = Graph()
     unet, vae, cond = _flux_loaders(g)
     sched, lora = _glance_nodes(g, unet, "glance_flux", 0.0, "glance_flux")
-    guider = g.add(Node(8, "BasicGuider", (X[2], 260), size=(240, 50)))
+    guider = g.add(Node(8, "BasicGuider", (X[3], 530), size=(380, 50)))
     g.link(lora, 0, guider, "model")
     g.link(cond, 0, guider, "conditioning")
-    _sampling_tail(g, guider, (sched, 0), vae, "glance_flux_10step", X[3])
-    g.add(
-        Node(
-            30,
-            "Note",
-            (X[0], 440),
-            size=(340, 260),
-            text=(
-                "Glance FLUX.1 in 10 model evaluations (5 Slow + 5 Fast).\n\n"
-                "Slow/Fast Scheduler gives the official Glance FLUX sigmas and the boundary between the phases; the "
-                "Phase-Aware LoRA Loader runs the Slow LoRA above that sigma and the Fast LoRA below it, "
-                "in ONE sampling run.\n\n"
-                "Put the two LoRAs in models/loras (train them with OneShotTrainer). "
-                "Compare with flux_base_50step.json "
-                "(same seed, 50 evaluations)."
-            ),
-        )
+    _section(
+        g,
+        "Glance: Slow and Fast experts",
+        [sched, lora, guider],
+        42,
+        GLANCE_TEXT.format(preset="glance_flux") + "\n\nBasicGuider: no CFG (FLUX.1-dev).",
+        COLORS["method"],
+    )
+    _sampling_tail(g, guider, (sched, 0), vae, "glance_flux_10step", X[4])
+    _readme(
+        g,
+        "Glance FLUX.1 in 10 model evaluations (5 Slow + 5 Fast).\n\n"
+        "Slow/Fast Scheduler gives the official Glance FLUX sigmas and the boundary between the phases; the "
+        "Phase-Aware LoRA Loader runs the Slow LoRA above that sigma and the Fast LoRA below it, in ONE sampling "
+        "run.\n\n"
+        "Put the two LoRAs in models/loras (train them with the One-Shot Trainer: glance_flux_train_one_image). "
+        "Compare with flux_base_50step (same prompt, seed and size, 50 evaluations).",
     )
     return g
 
@@ -158,24 +270,26 @@ def flux_base() -> Graph:
     g = Graph()
     unet, vae, cond = _flux_loaders(g)
     sched = g.add(
-        Node(6, "BasicScheduler", (X[1], 0), {"scheduler": "simple", "steps": 50, "denoise": 1.0}, size=(300, 110))
+        Node(6, "BasicScheduler", (X[3], 0), {"scheduler": "simple", "steps": 50, "denoise": 1.0}, size=(380, 110))
     )
     g.link(unet, 0, sched, "model")
-    guider = g.add(Node(8, "BasicGuider", (X[2], 260), size=(240, 50)))
+    guider = g.add(Node(8, "BasicGuider", (X[3], 160), size=(380, 50)))
     g.link(unet, 0, guider, "model")
     g.link(cond, 0, guider, "conditioning")
-    _sampling_tail(g, guider, (sched, 0), vae, "flux_base_50step", X[3])
-    g.add(
-        Node(
-            30,
-            "Note",
-            (X[0], 440),
-            size=(340, 200),
-            text=(
-                "The base model with 50 Euler steps: the reference Glance accelerates. Same prompt, seed and size as "
-                "glance_flux_10step.json, so the two images can be compared directly."
-            ),
-        )
+    _section(
+        g,
+        "Base model: 50 steps",
+        [sched, guider],
+        42,
+        "BasicScheduler 'simple' with 50 steps: the base model's own schedule, 50 model evaluations. This is the "
+        "reference that the Glance and ArcFlow workflows approximate with 10 and 2 evaluations.",
+        COLORS["method"],
+    )
+    _sampling_tail(g, guider, (sched, 0), vae, "flux_base_50step", X[4])
+    _readme(
+        g,
+        "The base model with 50 Euler steps: the reference Glance accelerates. Same prompt, seed and size as "
+        "glance_flux_10step, so the two images can be compared directly.",
     )
     return g
 
@@ -185,7 +299,7 @@ def _qwen_loaders(g: Graph) -> tuple[Node, Node, Node]:
         Node(
             1,
             "UNETLoader",
-            (X[0], 0),
+            (X[1], 0),
             {"unet_name": "qwen_image_bf16.safetensors", "weight_dtype": "default"},
             size=(340, 90),
         )
@@ -194,76 +308,81 @@ def _qwen_loaders(g: Graph) -> tuple[Node, Node, Node]:
         Node(
             2,
             "CLIPLoader",
-            (X[0], 140),
+            (X[1], 140),
             {"clip_name": "qwen_2.5_vl_7b.safetensors", "type": "qwen_image", "device": "default"},
             size=(340, 110),
         )
     )
-    vae = g.add(Node(3, "VAELoader", (X[0], 300), {"vae_name": "qwen_image_vae.safetensors"}, size=(340, 60)))
+    vae = g.add(Node(3, "VAELoader", (X[1], 300), {"vae_name": "qwen_image_vae.safetensors"}, size=(340, 60)))
+    _section(
+        g,
+        "Models",
+        [unet, clip, vae],
+        40,
+        "Qwen-Image: the diffusion model from models/diffusion_models, the Qwen2.5-VL 7B text encoder from "
+        "models/text_encoders (type qwen_image), the Qwen-Image VAE from models/vae.",
+        COLORS["models"],
+    )
     return unet, clip, vae
 
 
 def glance_qwen() -> Graph:
     g = Graph()
     unet, clip, vae = _qwen_loaders(g)
-    pos = g.add(Node(4, "CLIPTextEncode", (X[1], 300), {"text": PROMPT}, title="Prompt", size=(360, 140)))
+    pos = g.add(Node(4, "CLIPTextEncode", (X[2], 0), {"text": PROMPT}, title="Prompt", size=(360, 140)))
     neg = g.add(
-        Node(5, "CLIPTextEncode", (X[1], 480), {"text": " "}, title="Negative prompt (official: ' ')", size=(360, 100))
+        Node(5, "CLIPTextEncode", (X[2], 190), {"text": " "}, title="Negative prompt (official: ' ')", size=(360, 100))
     )
     g.link(clip, 0, pos, "clip")
     g.link(clip, 0, neg, "clip")
+    _section(
+        g,
+        "Prompt",
+        [pos, neg],
+        41,
+        "The prompt, and the negative prompt ' ' (one space) as in the official Glance Qwen-Image pipeline. With "
+        "CFG each step evaluates the model twice (positive and negative).",
+        COLORS["prompt"],
+    )
     sched, lora = _glance_nodes(g, unet, "glance_qwen_image", 0.02, "glance_qwen")
-    norm = g.add(Node(9, "GlanceQwenNormCFG", (X[2], 250), size=(300, 50)))
+    norm = g.add(Node(9, "GlanceQwenNormCFG", (X[3], 530), size=(380, 50)))
     g.link(lora, 0, norm, "model")
-    guider = g.add(Node(8, "CFGGuider", (X[2], 340), {"cfg": 5.0}, size=(300, 100)))
+    guider = g.add(Node(8, "CFGGuider", (X[3], 630), {"cfg": 5.0}, size=(380, 100)))
     g.link(norm, 0, guider, "model")
     g.link(pos, 0, guider, "positive")
     g.link(neg, 0, guider, "negative")
-    _sampling_tail(g, guider, (sched, 0), vae, "glance_qwen_image_10step", X[3])
-    g.add(
-        Node(
-            30,
-            "Note",
-            (X[0], 420),
-            size=(340, 280),
-            text=(
-                "Glance Qwen-Image in 10 steps with true CFG 5 (20 model evaluations instead of 100), as the official "
-                "pipeline: Slow LoRA on the first 5 sigmas, Fast LoRA on the last 5, negative prompt ' ', and Qwen's "
-                "norm-rescaled CFG.\n\nThe official files glance_qwen_slow/fast.safetensors carry no alpha: "
-                "strength 1.0 "
-                "reproduces the official inference."
-            ),
-        )
+    _section(
+        g,
+        "Glance: Slow and Fast experts",
+        [sched, lora, norm, guider],
+        42,
+        GLANCE_TEXT.format(preset="glance_qwen_image")
+        + "\n\nQwen Norm-Rescaled CFG + CFGGuider cfg 5: the official 'true CFG' (each 2x2 latent patch rescaled "
+        "to the conditional prediction's norm).",
+        COLORS["method"],
+    )
+    _sampling_tail(g, guider, (sched, 0), vae, "glance_qwen_image_10step", X[4])
+    _readme(
+        g,
+        "Glance Qwen-Image in 10 steps with true CFG 5 (20 model evaluations instead of 100), as the official "
+        "pipeline: Slow LoRA on the first 5 sigmas, Fast LoRA on the last 5, negative prompt ' ', and Qwen's "
+        "norm-rescaled CFG.\n\nThe official files glance_qwen_slow/fast.safetensors (CSU-JPG/Glance) carry no "
+        "alpha: strength 1.0 reproduces the official inference.",
     )
     return g
 
 
 def glance_train_flux() -> Graph:
     g = Graph()
-    unet, vae, cond = _flux_loaders(g)
-    image = g.add(Node(9, "LoadImage", (X[0], 760), {"image": "example.png"}, size=(340, 360)))
-    sched = g.add(
-        Node(
-            6,
-            "SlowFastScheduler",
-            (X[1], 0),
-            {
-                "preset": "glance_flux",
-                "base_steps": 50,
-                "slow_steps": 5,
-                "slow_stride": 2,
-                "fast_steps": 5,
-                "shift_terminal": 0.0,
-            },
-            size=(340, 230),
-        )
-    )
+    unet, vae, cond = _flux_loaders(g, image=True)
+    image = next(n for n in g.nodes if n.type == "LoadImage")
+    sched = _scheduler(g, "glance_flux", 0.0)
     g.link(unet, 0, sched, "model")
     trainer = g.add(
         Node(
             10,
             "OneShotTrainer",
-            (X[2], 0),
+            (X[3], 280),
             {
                 "objective": "official",
                 "expert": "both",
@@ -293,27 +412,33 @@ def glance_train_flux() -> Graph:
     g.link(vae, 0, trainer, "vae")
     g.link(sched, 0, trainer, "sigmas")
     g.link(sched, 1, trainer, "boundary_sigma")
-    curve = g.add(Node(11, "PreviewImage", (X[2], 680), size=(380, 300), title="Loss curve"))
+    curve = g.add(Node(11, "PreviewImage", (X[4], 0), size=(380, 340), title="Loss curve"))
     g.link(trainer, 3, curve, "images")
-    guider = g.add(Node(8, "BasicGuider", (X[3] - 180, 680), size=(240, 50)))
+    _section(
+        g,
+        "Train the Slow and Fast experts",
+        [sched, trainer, curve],
+        42,
+        "Slow/Fast Scheduler: the Glance sigmas and boundary the experts are trained for.\n\n"
+        "One-Shot Trainer, objective 'official': 60 steps per expert on the image (encoded with the VAE) and its "
+        "caption; rank, alpha and learning_rate 0 = the official values for the model. It outputs the two LoRAs, "
+        "the model with them applied (to the guider), and the loss curve (Loss curve preview). The base model is "
+        "not changed. save_name keeps the LoRAs in models/loras. Stop (X next to Run) ends training at the next "
+        "step and writes nothing.",
+        COLORS["method"],
+    )
+    guider = g.add(Node(8, "BasicGuider", (X[5], 0), size=(300, 50)))
     g.link(trainer, 2, guider, "model")
     g.link(cond, 0, guider, "conditioning")
-    _sampling_tail(g, guider, (sched, 0), vae, "glance_flux_oneshot", X[3])
-    g.add(
-        Node(
-            30,
-            "Note",
-            (X[0], 1160),
-            size=(340, 300),
-            text=(
-                "Train the Glance Slow and Fast LoRAs from ONE image, then sample with them in 10 steps.\n\n"
-                "Load your image, describe it in the prompt, queue. The One-Shot Trainer trains both experts on the "
-                "model already loaded (official recipe: 60 steps each) and outputs the model with them applied; the "
-                "loss curve shows in the preview. Set save_name to keep the LoRAs in models/loras. "
-                "Try objective 'trajectory' (no image needed; add captions, one per line, with the clip input) "
-                "for better few-step fidelity."
-            ),
-        )
+    _sampling_tail(g, guider, (sched, 0), vae, "glance_flux_oneshot", X[5], y=100, extra=(guider,))
+    _readme(
+        g,
+        "Train the Glance Slow and Fast LoRAs from ONE image, then sample with them in 10 steps.\n\n"
+        "Load your image, describe it in the prompt, queue. The One-Shot Trainer trains both experts on the "
+        "model already loaded (official recipe: 60 steps each) and outputs the model with them applied; the "
+        "loss curve shows in the preview. Set save_name to keep the LoRAs in models/loras.\n\n"
+        "Try objective 'trajectory' (no image needed; add captions, one per line, with the clip input) "
+        "for better few-step fidelity.",
     )
     return g
 
@@ -325,45 +450,57 @@ def arcflow_graph(arch: str) -> Graph:
         adapter = "arcflow_flux_2steps.safetensors"
     else:
         unet, clip, vae = _qwen_loaders(g)
-        cond = g.add(Node(4, "CLIPTextEncode", (X[1], 300), {"text": PROMPT}, title="Prompt", size=(360, 140)))
+        cond = g.add(Node(4, "CLIPTextEncode", (X[2], 0), {"text": PROMPT}, title="Prompt", size=(360, 140)))
         g.link(clip, 0, cond, "clip")
+        _section(
+            g,
+            "Prompt",
+            [cond],
+            41,
+            "Describe the image. No negative prompt: the ArcFlow Qwen-Image adapter has the guidance distilled in.",
+            COLORS["prompt"],
+        )
         adapter = "arcflow_qwen_2steps.safetensors"
     loader = g.add(
-        Node(7, "ArcFlowLoader", (X[1], 0), {"adapter": adapter, "strength": 1.0, "shift": 3.2}, size=(340, 130))
+        Node(7, "ArcFlowLoader", (X[3], 0), {"adapter": adapter, "strength": 1.0, "shift": 3.2}, size=(380, 130))
     )
     g.link(unet, 0, loader, "model")
     sched = g.add(
         Node(
             6,
             "BasicScheduler",
-            (X[2], 0),
+            (X[3], 180),
             {"scheduler": "simple", "steps": 2, "denoise": 1.0},
-            size=(300, 110),
+            size=(380, 110),
             title="2 steps: sigmas 1.0, 0.7619, 0",
         )
     )
     g.link(loader, 0, sched, "model")
-    guider = g.add(Node(8, "BasicGuider", (X[2], 160), size=(240, 50), title="BasicGuider (cfg 1)"))
+    guider = g.add(Node(8, "BasicGuider", (X[3], 340), size=(380, 50), title="BasicGuider (cfg 1)"))
     g.link(loader, 0, guider, "model")
     g.link(cond, 0, guider, "conditioning")
-    _sampling_tail(g, guider, (sched, 0), vae, f"arcflow_{arch}_2step", X[3], arcflow=True)
     guidance = "FluxGuidance 3.5 (the adapters only work with it)" if arch == "flux" else "no CFG (distilled in)"
-    g.add(
-        Node(
-            30,
-            "Note",
-            (X[0], 440),
-            size=(340, 260),
-            text=(
-                f"ArcFlow {'FLUX.1' if arch == 'flux' else 'Qwen-Image'} in 2 model evaluations.\n\n"
-                "ArcFlow Adapter Loader attaches the released adapter (LoRA + momentum heads) to the base model. "
-                "BasicScheduler 'simple' with 2 steps on that model gives the official sigmas "
-                "1.0, 0.7619, 0 (shift 3.2). "
-                f"ArcFlow Sampler integrates each step in closed form. Guidance: {guidance}.\n\n"
-                "Put the adapter (diffusion_pytorch_model.safetensors of ymyy307/ArcFlow, renamed) in models/loras, or "
-                "distil your own with ArcFlow Distiller."
-            ),
-        )
+    _section(
+        g,
+        "ArcFlow: 2 steps",
+        [loader, sched, guider],
+        42,
+        "ArcFlow Adapter Loader attaches the adapter (LoRA + momentum heads) to the base model; the base weights are "
+        "not changed. Its file goes in models/loras.\n\n"
+        "BasicScheduler 'simple', 2 steps, on the ArcFlow model: the official sigmas 1.0, 0.7619, 0 (shift 3.2).\n\n"
+        f"BasicGuider: cfg 1, the guidance is distilled into the adapter. Guidance: {guidance}.",
+        COLORS["method"],
+    )
+    _sampling_tail(g, guider, (sched, 0), vae, f"arcflow_{arch}_2step", X[4], arcflow=True)
+    _readme(
+        g,
+        f"ArcFlow {'FLUX.1' if arch == 'flux' else 'Qwen-Image'} in 2 model evaluations.\n\n"
+        "ArcFlow Adapter Loader attaches the released adapter (LoRA + momentum heads) to the base model. "
+        "BasicScheduler 'simple' with 2 steps on that model gives the official sigmas "
+        "1.0, 0.7619, 0 (shift 3.2). "
+        f"ArcFlow Sampler integrates each step in closed form. Guidance: {guidance}.\n\n"
+        "Put the adapter (diffusion_pytorch_model.safetensors of ymyy307/ArcFlow, renamed) in models/loras, or "
+        "distil your own with ArcFlow Distiller.",
     )
     return g
 

@@ -29,8 +29,19 @@ def free_port() -> int:
 
 
 class ComfyServer:
-    def __init__(self, base_dir: Path, testkit: bool = True, extra_args: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        base_dir: Path,
+        testkit: bool = True,
+        extra_args: tuple[str, ...] = (),
+        tiny_prompts: int | None = None,
+        settings: dict | None = None,
+    ):
+        """``tiny_prompts`` = N: the testkit rewrites every queued prompt for the tiny stand-ins at N px
+        (so workflows queued unchanged from the browser run). ``settings``: the frontend's user settings."""
         self.base = Path(base_dir)
+        self.tiny_prompts = tiny_prompts
+        self.settings = settings
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.testkit = testkit
@@ -42,6 +53,10 @@ class ComfyServer:
     def start(self, timeout: float = 120.0) -> ComfyServer:
         for d in ("models/diffusion_models", "models/loras", "models/vae", "input", "output", "user", "temp"):
             (self.base / d).mkdir(parents=True, exist_ok=True)
+        if self.settings is not None:
+            user = self.base / "user" / "default"
+            user.mkdir(parents=True, exist_ok=True)
+            (user / "comfy.settings.json").write_text(json.dumps(self.settings, indent=1))
         custom = self.base / "custom_nodes"
         pack_link(custom)
         if self.testkit and not (custom / "glance_testkit").exists():
@@ -62,6 +77,9 @@ class ComfyServer:
             *self.extra_args,
         ]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env.pop("GLANCE_TESTKIT_TINY_PROMPTS", None)
+        if self.tiny_prompts:
+            env["GLANCE_TESTKIT_TINY_PROMPTS"] = str(self.tiny_prompts)
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, cwd=comfy_path(), stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + timeout

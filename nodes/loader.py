@@ -59,8 +59,8 @@ class PhaseAwareLoRALoader(io.ComfyNode):
                     min=-10.0,
                     max=10.0,
                     step=0.01,
-                    tooltip="Multiplier of the Slow LoRA (1.0 = as stored, 0 = off). Official Glance files "
-                    "carry no alpha, so 1.0 is what the official pipeline used.",
+                    tooltip="Multiplier of the Slow LoRA (factor; 1.0 = as stored, 0 = off, usually 0-1.5). Official "
+                    "Glance files carry no alpha, so 1.0 is what the official pipeline used.",
                 ),
                 io.Float.Input(
                     "fast_strength",
@@ -68,7 +68,7 @@ class PhaseAwareLoRALoader(io.ComfyNode):
                     min=-10.0,
                     max=10.0,
                     step=0.01,
-                    tooltip="Multiplier of the Fast LoRA (1.0 = as stored, 0 = off).",
+                    tooltip="Multiplier of the Fast LoRA (factor; 1.0 = as stored, 0 = off, usually 0-1.5).",
                 ),
                 io.Float.Input(
                     "boundary_sigma",

@@ -47,22 +47,24 @@ class SlowFastScheduler(io.ComfyNode):
                     default=50,
                     min=2,
                     max=1000,
-                    tooltip="custom: steps of the base schedule the Glance steps are picked from (official: 50).",
+                    tooltip="custom: steps of the base schedule the Glance steps are picked from (count; official 50, "
+                    "usually 20-100).",
                 ),
                 io.Int.Input(
                     "slow_steps",
                     default=5,
                     min=0,
                     max=100,
-                    tooltip="custom: number of Slow evaluations at the start (official: 5; 0 = Fast only).",
+                    tooltip="custom: number of Slow evaluations at the start (count; official 5, usually 2-8; 0 = Fast "
+                    "only).",
                 ),
                 io.Int.Input(
                     "slow_stride",
                     default=2,
                     min=1,
                     max=100,
-                    tooltip="custom: Slow evaluations take every n-th base step "
-                    "(official: 2, i.e. base steps 0,2,4,6,8).",
+                    tooltip="custom: Slow evaluations take every n-th base step (base steps; official 2, i.e. base "
+                    "steps 0,2,4,6,8; usually 1-3).",
                 ),
                 io.Int.Input(
                     "fast_steps",
@@ -70,7 +72,8 @@ class SlowFastScheduler(io.ComfyNode):
                     min=0,
                     max=100,
                     tooltip="custom: number of Fast evaluations, spread evenly over the remaining base steps "
-                    "with the last one kept (official: 5, i.e. base steps 10,20,30,40,49; 0 = Slow only).",
+                    "with the last one kept (count; official 5, i.e. base steps 10,20,30,40,49; usually 2-8; 0 = Slow "
+                    "only).",
                 ),
                 io.Float.Input(
                     "shift_terminal",
@@ -78,8 +81,8 @@ class SlowFastScheduler(io.ComfyNode):
                     min=0.0,
                     max=0.99,
                     step=0.001,
-                    tooltip="custom: stretch the base schedule so its last sigma equals this (Qwen-Image's "
-                    "diffusers scheduler uses 0.02; FLUX none = 0).",
+                    tooltip="custom: stretch the base schedule so its last sigma equals this (sigma, 0-0.1 in "
+                    "practice; Qwen-Image's diffusers scheduler uses 0.02; FLUX none = 0).",
                 ),
             ],
             outputs=[

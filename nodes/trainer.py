@@ -138,14 +138,18 @@ class OneShotTrainer(io.ComfyNode):
                     tooltip="Which expert(s) to train: Slow = the high-noise steps, Fast = the rest.",
                 ),
                 io.Int.Input(
-                    "steps", default=60, min=1, max=100000, tooltip="Optimisation steps per expert (official: 60)."
+                    "steps",
+                    default=60,
+                    min=1,
+                    max=100000,
+                    tooltip="Optimisation steps per expert (count; official 60, usually 30-500).",
                 ),
                 io.Int.Input(
                     "rank",
                     default=0,
                     min=0,
                     max=512,
-                    tooltip="LoRA rank; 0 = official for the model (FLUX 16, Qwen-Image 32).",
+                    tooltip="LoRA rank (dimensions; 0 = official for the model: FLUX 16, Qwen-Image 32; usually 4-64).",
                 ),
                 io.Float.Input(
                     "alpha",
@@ -153,8 +157,8 @@ class OneShotTrainer(io.ComfyNode):
                     min=0.0,
                     max=4096.0,
                     step=1.0,
-                    tooltip="LoRA alpha; 0 = 4 × rank (official). The saved file has alpha/rank folded "
-                    "in, so it loads at strength 1.0.",
+                    tooltip="LoRA alpha (scale = alpha/rank; 0 = 4 × rank, the official value; usually 1-4 × rank). "
+                    "The saved file has alpha/rank folded in, so it loads at strength 1.0.",
                 ),
                 io.Float.Input(
                     "learning_rate",
@@ -163,7 +167,8 @@ class OneShotTrainer(io.ComfyNode):
                     max=1.0,
                     step=1e-5,
                     round=1e-6,
-                    tooltip="AdamW learning rate; 0 = official (FLUX 5e-4, Qwen-Image 3e-4).",
+                    tooltip="AdamW learning rate (per step; 0 = official: FLUX 5e-4, Qwen-Image 3e-4; usually 1e-4 to "
+                    "1e-3).",
                 ),
                 io.Int.Input(
                     "seed",
@@ -171,7 +176,8 @@ class OneShotTrainer(io.ComfyNode):
                     min=0,
                     max=0xFFFFFFFF,
                     control_after_generate=False,
-                    tooltip="Seed for LoRA init, timestep draws and noise: same seed + inputs = same LoRA.",
+                    tooltip="Seed for LoRA init, timestep draws and noise (0 to 2^32-1): same seed + inputs = same "
+                    "LoRA.",
                 ),
                 io.Combo.Input(
                     "target_layers",
@@ -185,7 +191,7 @@ class OneShotTrainer(io.ComfyNode):
                     default=1,
                     min=1,
                     max=256,
-                    tooltip="Samples per step (official: 1). trajectory: teacher states per step.",
+                    tooltip="Samples per step (count; official 1, usually 1-8). trajectory: teacher states per step.",
                 ),
                 io.Int.Input(
                     "resolution",
@@ -193,8 +199,8 @@ class OneShotTrainer(io.ComfyNode):
                     min=64,
                     max=4096,
                     step=32,
-                    tooltip="official: the image's longer side is resized to this (then floored to a "
-                    "multiple of 32). trajectory: the square size of the teacher rollouts.",
+                    tooltip="Pixels. official: the image's longer side is resized to this (then floored to a multiple "
+                    "of 32). trajectory: the square size of the teacher rollouts. Usually 512-1024 (1024 = official).",
                 ),
                 io.Image.Input("image", optional=True, tooltip="official: the ONE training image (RGB)."),
                 io.Vae.Input("vae", optional=True, tooltip="official: the VAE of the model, to encode the image."),
@@ -211,13 +217,13 @@ class OneShotTrainer(io.ComfyNode):
                     max=10.0,
                     step=0.001,
                     optional=True,
-                    tooltip="Slow/Fast boundary of the connected sigmas (wire it from the scheduler); "
-                    "ignored without sigmas.",
+                    tooltip="Slow/Fast boundary of the connected sigmas (sigma, 0..1 for flow models; wire it from the "
+                    "scheduler); ignored without sigmas.",
                 ),
                 *guidance_inputs(
                     "trajectory: negative caption for CFG (Qwen-Image official: ' ').",
-                    "trajectory: CFG of the teacher rollouts and of the student (Qwen-Image official: 5 with "
-                    "negative ' '; FLUX: 1, guidance comes from FluxGuidance).",
+                    "trajectory: CFG scale of the teacher rollouts and of the student (1 = no CFG, usually 1-7; "
+                    "Qwen-Image official: 5 with negative ' '; FLUX: 1, guidance comes from FluxGuidance).",
                 ),
                 io.Int.Input(
                     "noises",
@@ -225,7 +231,7 @@ class OneShotTrainer(io.ComfyNode):
                     min=1,
                     max=4096,
                     optional=True,
-                    tooltip="trajectory: teacher rollouts per caption (different noise each).",
+                    tooltip="trajectory: teacher rollouts per caption (count, different noise each; usually 4-32).",
                 ),
                 io.Int.Input(
                     "teacher_steps",
@@ -233,8 +239,8 @@ class OneShotTrainer(io.ComfyNode):
                     min=4,
                     max=1000,
                     optional=True,
-                    tooltip="trajectory: steps of the teacher's fine schedule (its own 50-step schedule; "
-                    "the Glance sigmas are added to it).",
+                    tooltip="trajectory: steps of the teacher's fine schedule (count; its own 50-step schedule, "
+                    "usually 20-100; the Glance sigmas are added to it).",
                 ),
                 io.Float.Input(
                     "student_mix",
@@ -244,7 +250,8 @@ class OneShotTrainer(io.ComfyNode):
                     step=0.05,
                     optional=True,
                     tooltip="trajectory: in the second half of training, the share of steps on the student's own "
-                    "rollout states (with the teacher's fine rollout from there as target). 0 = teacher states only.",
+                    "rollout states (with the teacher's fine rollout from there as target). Fraction 0-1; 0 = teacher "
+                    "states only.",
                 ),
                 *caption_inputs("trajectory: "),
                 *save_inputs("<save_name>_slow/_fast.safetensors"),

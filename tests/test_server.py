@@ -60,13 +60,24 @@ def _images(server, entry: dict, kind: str = "output") -> list[np.ndarray]:
 
 
 def test_pack_registers_its_nodes_with_tooltips(object_info):
-    assert PACK_NODES <= set(object_info)
-    for node in PACK_NODES:
-        info = object_info[node]
-        assert info["category"] == "Glance" and info["description"]
+    """Every node of the pack (found by its module) sits under the pack's one category, has a description, a
+    tooltip on every input and output, and numeric inputs say their range/defaults in figures."""
+    import re
+
+    category = re.search(r'^CATEGORY = "(.+)"$', (REPO / "nodes" / "common.py").read_text(), re.M).group(1)
+    pack = {k: v for k, v in object_info.items() if v.get("python_module", "").endswith("comfyui-glance")}
+    assert PACK_NODES <= set(pack)
+    for node, info in pack.items():
+        assert info["category"] == category, (node, info["category"])
+        assert len(info["description"]) >= 40, f"{node} has no description"
         for group in ("required", "optional"):
             for name, spec in info["input"].get(group, {}).items():
-                assert spec[1].get("tooltip"), f"{node}.{name} has no tooltip"
+                tip = spec[1].get("tooltip", "") if len(spec) > 1 else ""
+                assert tip, f"{node}.{name} has no tooltip"
+                if spec[0] in ("INT", "FLOAT"):
+                    assert re.search(r"\d", tip), f"{node}.{name}: the tooltip gives no figure (range, default)"
+        tips = info.get("output_tooltips") or []
+        assert len(tips) == len(info["output"]) and all(tips), f"{node}: an output has no tooltip"
 
 
 def test_workflows_show_in_template_browser(server):

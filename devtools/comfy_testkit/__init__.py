@@ -5,12 +5,16 @@
   (reference comfyui_runtime.md §4), so the detected config is completed from the metadata.
 - ``GlanceTestkitTextEncode`` stands in for CLIPTextEncode: real FLUX/Qwen text encoders are
   gigabytes; it returns a conditioning of the tiny models' shape, seeded by the text.
+- With ``$GLANCE_TESTKIT_TINY_PROMPTS`` = N (set by ``ComfyServer(tiny_prompts=N)``), every queued
+  prompt is rewritten by ``tiny_models.tiny_prompt`` (text encoders → the testkit's, images N px), so the
+  shipped workflows queued unchanged from the browser UI run on the tiny stand-ins.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -32,6 +36,21 @@ def _detect_tiny(state_dict, key_prefix, metadata=None):
 
 if getattr(_detect, "__name__", "") != "_detect_tiny":
     comfy.model_detection.detect_unet_config = _detect_tiny
+
+
+def _tiny_prompts(size: int):
+    def handler(json_data: dict) -> dict:
+        if isinstance(json_data.get("prompt"), dict):
+            json_data["prompt"] = tiny_models.tiny_prompt(json_data["prompt"], size)
+        return json_data
+
+    return handler
+
+
+if os.environ.get("GLANCE_TESTKIT_TINY_PROMPTS"):
+    from server import PromptServer
+
+    PromptServer.instance.add_on_prompt_handler(_tiny_prompts(int(os.environ["GLANCE_TESTKIT_TINY_PROMPTS"])))
 
 
 class GlanceTestkitTextEncode(io.ComfyNode):
