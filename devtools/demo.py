@@ -1,10 +1,15 @@
-"""The main job: the shipped Glance workflows in a real headless ComfyUI, on tiny seeded models.
+"""The main job, in a real headless ComfyUI (CPU):
 
     bash scripts/demo.sh            (= setup + python -m devtools.demo)
 
-Until the embedded reference teacher exists, the models are tiny seeded stand-ins with the shipped
-workflows' file names (random weights: the images show noise patterns, not pictures). Writes the
-images, a side-by-side sheet, report.md and report.json into out/demo/ (or --out).
+1. The shipped demo workflow (workflows/glance_reference_demo.json) on the pack's reference teacher: the One-Shot
+   Trainer learns the Slow/Fast experts from ONE photo, then held-out captions are sampled with the 10-step Glance
+   graph and, from the same noise, with the teacher's 50 steps (and, for scale, plain 10-step Euler). Writes
+   reference_sheet.png and the times, speedup and fidelity (PSNR/SSIM to the 50-step output) into the report.
+2. Every other shipped workflow, on tiny seeded stand-ins of FLUX / Qwen-Image under the workflows' file names
+   (random weights: those images are patterns, not pictures), timed.
+
+Everything goes to out/demo/ (or --out): images, sheets, report.md, report.json.
 """
 
 from __future__ import annotations
@@ -61,6 +66,109 @@ def _median_time(srv: ComfyServer, api: dict, ui: dict, repeats: int) -> list[fl
     return times
 
 
+#: Captions the demo's experts never saw (they learn from the astronaut photo, caption "astronaut wide").
+HELD_OUT = [
+    "cat close",
+    "moon wide",
+    "retina close",
+    "brick wide",
+    "clock close",
+    "face wide",
+    "gravel close",
+    "rocket wide",
+]
+REF_NODES = {"caption": "4", "glance_guider": "8", "noise": "20", "glance_save": "25", "teacher_save": "28"}
+
+
+def _outputs(srv: ComfyServer, entry: dict, node: str) -> np.ndarray:
+    imgs = entry["outputs"][node]["images"]
+    return (
+        np.stack(
+            [np.asarray(Image.open(srv.base / "output" / i["subfolder"] / i["filename"]).convert("RGB")) for i in imgs]
+        ).astype(np.float64)
+        / 255.0
+    )
+
+
+def _branch(api: dict, keep: str) -> dict:
+    """The prompt with only one SaveImage branch (the trainer's output stays cached in ComfyUI)."""
+    drop = {"glance": ("26", "27", "28", "12", "13"), "teacher": ("23", "24", "25", "8", "11")}[keep]
+    return {k: v for k, v in api.items() if k not in drop}
+
+
+def reference_demo(srv: ComfyServer, info: dict, out: Path, repeats: int) -> dict:
+    from skimage.metrics import structural_similarity
+
+    ui = json.loads((comfy_env.REPO / "workflows" / "glance_reference_demo.json").read_text())
+    workflow.check_links(ui, info)
+    api = workflow.to_api(ui, info)
+    n = REF_NODES
+    euler = json.loads(json.dumps(api))
+    euler[n["glance_guider"]]["inputs"]["model"] = ["1", 0]  # the teacher itself on the Glance sigmas
+    train_s, entry = _timed_run(srv, api, ui)  # trains the experts (then cached) and samples the first caption
+    print(f"reference demo: trained the Slow/Fast experts on one photo and sampled in {train_s:.1f} s")
+    rows, tiles = [], []
+    for cap in HELD_OUT:
+        for a in (api, euler):
+            a[n["caption"]]["inputs"]["text"] = cap
+        glance = _outputs(srv, _timed_run(srv, api, ui)[1], n["glance_save"])
+        entry = srv.run(api, workflow=ui)
+        teacher = _outputs(srv, entry, n["teacher_save"])
+        plain = _outputs(srv, _timed_run(srv, _branch(euler, "glance"), ui)[1], n["glance_save"])
+        score = {}
+        for name, imgs in (("glance", glance), ("euler10", plain)):
+            mse = ((imgs - teacher) ** 2).reshape(len(imgs), -1).mean(1)
+            score[f"{name}_psnr"] = float(np.mean(10 * np.log10(1 / np.maximum(mse, 1e-12))))
+            score[f"{name}_ssim"] = float(
+                np.mean(
+                    [
+                        structural_similarity(x, y, channel_axis=-1, data_range=1.0, win_size=7)
+                        for x, y in zip(imgs, teacher)
+                    ]
+                )
+            )
+        rows.append({"caption": cap, **score})
+        tiles.append((cap, teacher, glance, plain))
+        print(
+            f"  {cap:14s} Glance {score['glance_psnr']:.2f} dB / SSIM {score['glance_ssim']:.3f};  plain 10-step "
+            f"Euler {score['euler10_psnr']:.2f} dB / {score['euler10_ssim']:.3f}"
+        )
+    times = {}
+    for name, a in (("glance", _branch(api, "glance")), ("teacher", _branch(api, "teacher"))):
+        times[name] = _median_time(srv, a, ui, repeats)
+    _reference_sheet(tiles, out / "reference_sheet.png")
+    mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "caption"}
+    return {
+        "captions": rows,
+        "mean": mean,
+        "first_run_with_training_s": round(train_s, 2),
+        "glance_run_s": round(statistics.median(times["glance"]), 3),
+        "teacher_run_s": round(statistics.median(times["teacher"]), 3),
+        "speedup": round(statistics.median(times["teacher"]) / statistics.median(times["glance"]), 2),
+    }
+
+
+def _reference_sheet(tiles: list, path: Path, scale: int = 3) -> None:
+    from PIL import ImageDraw
+
+    rows = []
+    for _cap, *groups in tiles:
+        strip = [np.pad(np.concatenate(list(g), axis=1), ((0, 0), (0, 6), (0, 0)), constant_values=1.0) for g in groups]
+        rows.append(np.pad(np.concatenate(strip, axis=1), ((0, 4), (0, 0), (0, 0)), constant_values=1.0))
+    grid = (np.concatenate(rows) * 255).round().astype(np.uint8)
+    im = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    label = Image.new("RGB", (im.width + 130, im.height + 24), "white")
+    label.paste(im, (130, 24))
+    draw = ImageDraw.Draw(label)
+    w = (im.width) // 3
+    for i, t in enumerate(("teacher, 50 steps", "Glance, 10 steps", "plain Euler, 10 steps")):
+        draw.text((130 + i * w + 4, 6), t, fill="black")
+    h = im.height // len(tiles)
+    for r, (cap, *_) in enumerate(tiles):
+        draw.text((4, 24 + r * h + h // 2 - 6), cap, fill="black")
+    label.save(path)
+
+
 def main(argv: list[str] | None = None) -> Path:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=comfy_env.REPO / "out" / "demo")
@@ -79,6 +187,7 @@ def main(argv: list[str] | None = None) -> Path:
     results = {}
     with ComfyServer(base) as srv:
         info = srv.object_info()
+        ref = reference_demo(srv, info, out, args.repeats)
         for name, label in RUNS:
             ui = json.loads((comfy_env.REPO / "workflows" / f"{name}.json").read_text())
             workflow.check_links(ui, info)
@@ -107,6 +216,7 @@ def main(argv: list[str] | None = None) -> Path:
     sampling_speedup = base["median_sampling_s"] / results["glance_flux_10step"]["median_sampling_s"]
     arcflow_speedup = base["median_sampling_s"] / results["arcflow_flux_2step"]["median_sampling_s"]
     report = {
+        "reference_demo": ref,
         "size": args.size,
         "device": "cpu",
         "models": "tiny seeded stand-ins (random weights)",
@@ -117,8 +227,34 @@ def main(argv: list[str] | None = None) -> Path:
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     _sheet(out, [n for n, _ in RUNS])
+    m = ref["mean"]
     lines = [
         "# comfyui-glance demo run",
+        "",
+        "## Glance on the reference teacher (workflows/glance_reference_demo.json)",
+        "",
+        "One-Shot Trainer, objective 'official', on ONE photo (astronaut, caption 'astronaut wide'); then "
+        f"{len(HELD_OUT)} held-out captions × 4 seeds, sampled with the 10-step Glance graph and with the teacher's "
+        "50 steps from the same noise (CFG 3, so 20 vs 100 evaluations).",
+        "",
+        f"- first run (training both experts + sampling): {ref['first_run_with_training_s']} s",
+        f"- sampling a batch of 4, whole prompt: Glance {ref['glance_run_s']} s, teacher {ref['teacher_run_s']} s: "
+        f"**{ref['speedup']}×** faster",
+        f"- fidelity to the teacher's 50-step output (mean over captions): Glance **{m['glance_psnr']:.2f} dB** PSNR, "
+        f"SSIM {m['glance_ssim']:.3f}; plain 10-step Euler on the same sigmas {m['euler10_psnr']:.2f} dB, "
+        f"SSIM {m['euler10_ssim']:.3f}",
+        "",
+        "| held-out caption | Glance PSNR (dB) | Glance SSIM | plain Euler 10 PSNR (dB) | plain Euler 10 SSIM |",
+        "|---|---|---|---|---|",
+        *[
+            f"| {r['caption']} | {r['glance_psnr']:.2f} | {r['glance_ssim']:.3f} | {r['euler10_psnr']:.2f} | "
+            f"{r['euler10_ssim']:.3f} |"
+            for r in ref["captions"]
+        ],
+        "",
+        "Side by side (teacher | Glance | plain Euler, 4 seeds each): reference_sheet.png",
+        "",
+        "## Every shipped workflow on tiny stand-ins",
         "",
         f"Real headless ComfyUI (CPU) with the pack; shipped workflows at {args.size}² on tiny seeded stand-in "
         "models (random weights, so the images are patterns, not pictures).",
@@ -137,7 +273,10 @@ def main(argv: list[str] | None = None) -> Path:
         "Side-by-side: sheet.png",
     ]
     (out / "report.md").write_text("\n".join(lines) + "\n")
-    print(f"\nImages: {out / 'images'}\nSheet:  {out / 'sheet.png'}\nReport: {out / 'report.md'}")
+    print(
+        f"\nReference demo sheet: {out / 'reference_sheet.png'}\nImages: {out / 'images'}\n"
+        f"Sheet:  {out / 'sheet.png'}\nReport: {out / 'report.md'}"
+    )
     return out
 
 

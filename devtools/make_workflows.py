@@ -26,6 +26,8 @@ PACK_NODES = (
     "ArcFlowSampler",
     "ArcFlowLoader",
     "ArcFlowDistiller",
+    "GlanceReferenceLoader",
+    "GlanceReferenceTextEncode",
 )
 PROMPT = "a red fox sitting in fresh snow at golden hour, detailed fur, shallow depth of field"
 #: Columns of the layout: read-me note, models, prompt, method (Glance / training / ArcFlow), sampling.
@@ -505,7 +507,158 @@ def arcflow_graph(arch: str) -> Graph:
     return g
 
 
+def glance_reference_demo() -> Graph:
+    """The main job's graph: train on ONE photo with the shipped reference teacher, then sample a held-out
+    caption with Glance (10 evaluations) and with the teacher (50 steps), same noise."""
+    g = Graph()
+    ref = g.add(
+        Node(
+            1,
+            "GlanceReferenceLoader",
+            (X[1], 0),
+            {"model_name": "glance_reference_photos.safetensors", "prompt": "astronaut wide", "negative_prompt": ""},
+            size=(380, 170),
+            title="Reference teacher + training caption",
+        )
+    )
+    image = g.add(Node(3, "LoadImage", (X[1], 230), {"image": "example.png"}, size=(380, 400)))
+    _section(
+        g,
+        "Reference model and the one training image",
+        [ref, image],
+        40,
+        "Glance Reference Model Loader: the pack's own small FLUX (trained on scikit-image's photos, pixel space, "
+        "32 x 32). Its prompt is the caption of the training image: a subject and a framing word (wide / close). "
+        "Its VAE is ComfyUI's pixel-space VAE.\n\nLoad Image: the one photo the experts learn from (here "
+        "scikit-image's astronaut; the trainer resizes it to 32 x 32).",
+        COLORS["models"],
+    )
+    held = g.add(
+        Node(
+            4,
+            "GlanceReferenceTextEncode",
+            (X[2], 0),
+            {"model_name": "glance_reference_photos.safetensors", "text": "cat close"},
+            size=(360, 110),
+            title="Held-out caption to sample",
+        )
+    )
+    _section(
+        g,
+        "Caption to sample",
+        [held],
+        41,
+        "A caption the experts were NOT trained on: Glance must generalise to it. Try 'moon wide', 'retina close', "
+        "'face wide' …",
+        COLORS["prompt"],
+    )
+    sched = _scheduler(g, "glance_flux", 0.0)
+    g.link(ref, 0, sched, "model")
+    trainer = g.add(
+        Node(
+            10,
+            "OneShotTrainer",
+            (X[3], 280),
+            {
+                "objective": "official",
+                "expert": "both",
+                "steps": 60,
+                "rank": 0,
+                "alpha": 0.0,
+                "learning_rate": 0.0,
+                "seed": 0,
+                "target_layers": "official",
+                "batch": 1,
+                "resolution": 32,
+                "boundary_sigma": 0.9,
+                "cfg": 3.0,
+                "noises": 8,
+                "teacher_steps": 50,
+                "student_mix": 0.0,
+                "captions": "",
+                "save_name": "",
+                "overwrite": False,
+            },
+            size=(380, 620),
+        )
+    )
+    g.link(ref, 0, trainer, "model")
+    g.link(ref, 1, trainer, "positive")
+    g.link(image, 0, trainer, "image")
+    g.link(ref, 3, trainer, "vae")
+    g.link(sched, 0, trainer, "sigmas")
+    g.link(sched, 1, trainer, "boundary_sigma")
+    g.link(ref, 2, trainer, "negative")
+    curve = g.add(Node(11, "PreviewImage", (X[4], 0), size=(380, 340), title="Loss curve"))
+    g.link(trainer, 3, curve, "images")
+    _section(
+        g,
+        "Train the Slow and Fast experts on one image",
+        [sched, trainer, curve],
+        42,
+        "Slow/Fast Scheduler 'glance_flux': the 10 Glance sigmas of the model's own 50-step schedule.\n\n"
+        "One-Shot Trainer, 'official': 60 steps per expert on the image and its caption (a few seconds here). "
+        "Switch objective to 'trajectory' to learn from the teacher's own 50-step rollouts instead (no image "
+        "needed; it uses the negative and cfg 3 like the sampling below).",
+        COLORS["method"],
+    )
+    guider = g.add(Node(8, "CFGGuider", (X[5], 0), {"cfg": 3.0}, size=(300, 100), title="Glance: CFGGuider (cfg 3)"))
+    g.link(trainer, 2, guider, "model")
+    g.link(held, 0, guider, "positive")
+    g.link(ref, 2, guider, "negative")
+    _sampling_tail(g, guider, (sched, 0), ref, "glance_reference_10step", X[5], y=150, extra=(guider,))
+    latent = next(n for n in g.nodes if n.type == "EmptySD3LatentImage")
+    latent.type = "EmptyChromaRadianceLatentImage"
+    latent.widgets = {"width": 32, "height": 32, "batch_size": 4}
+    decode = next(n for n in g.nodes if n.type == "VAEDecode")
+    g.edges = [e for e in g.edges if not (e[2] == decode.id and e[3] == "vae")]  # the tail wired slot 0
+    g.link(ref, 3, decode, "vae")
+    noise = next(n for n in g.nodes if n.type == "RandomNoise")
+    sampler = next(n for n in g.nodes if n.type == "KSamplerSelect")
+    x = X[5] + 720
+    t_guider = g.add(Node(12, "CFGGuider", (x, 0), {"cfg": 3.0}, size=(300, 100), title="Teacher: CFGGuider (cfg 3)"))
+    g.link(ref, 0, t_guider, "model")
+    g.link(held, 0, t_guider, "positive")
+    g.link(ref, 2, t_guider, "negative")
+    t_sched = g.add(
+        Node(13, "BasicScheduler", (x, 150), {"scheduler": "simple", "steps": 50, "denoise": 1.0}, size=(300, 110))
+    )
+    g.link(ref, 0, t_sched, "model")
+    t_run = g.add(Node(26, "SamplerCustomAdvanced", (x + 340, 0), size=(280, 110)))
+    t_decode = g.add(Node(27, "VAEDecode", (x + 340, 160), size=(220, 50)))
+    t_save = g.add(
+        Node(28, "SaveImage", (x + 340, 260), {"filename_prefix": "glance_reference_teacher_50step"}, size=(400, 420))
+    )
+    g.link(noise, 0, t_run, "noise")
+    g.link(t_guider, 0, t_run, "guider")
+    g.link(sampler, 0, t_run, "sampler")
+    g.link(t_sched, 0, t_run, "sigmas")
+    g.link(latent, 0, t_run, "latent_image")
+    g.link(t_run, 0, t_decode, "samples")
+    g.link(ref, 3, t_decode, "vae")
+    g.link(t_decode, 0, t_save, "images")
+    _section(
+        g,
+        "Teacher, 50 steps (to compare)",
+        [t_guider, t_sched, t_run, t_decode, t_save],
+        45,
+        "The same noise and caption through the reference teacher's own 50-step schedule (100 evaluations with "
+        "CFG): what Glance's 10 steps try to reproduce.",
+        COLORS["sampling"],
+    )
+    _readme(
+        g,
+        "Glance on the pack's own reference model: no download needed.\n\n"
+        "Queue: the One-Shot Trainer learns the Slow and Fast experts from ONE photo (astronaut) in a few seconds, "
+        "then a caption it never saw ('cat close') is sampled in 10 steps with the experts and in 50 steps with "
+        "the teacher, from the same noise. Compare the two Save Image outputs. `bash scripts/demo.sh` runs this "
+        "graph headless for many held-out captions and writes a report.",
+    )
+    return g
+
+
 WORKFLOW_BUILDERS = {
+    "glance_reference_demo": glance_reference_demo,
     "arcflow_flux_2step": lambda: arcflow_graph("flux"),
     "arcflow_qwen_image_2step": lambda: arcflow_graph("qwen_image"),
     "glance_flux_train_one_image": glance_train_flux,

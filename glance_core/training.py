@@ -370,13 +370,15 @@ def train_expert(
     targets: str,
     batch: int = 1,
     x0: torch.Tensor | None = None,
+    images: list[tuple[torch.Tensor, list]] | None = None,
     trajectories: dict | None = None,
     weight_decay: float = 0.0,
     grad_clip: float = 1.0,
     student_mix: float = 0.0,
     on_step: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
-    """Train one expert. ``x0`` (VAE latent of the image) for ``official``; ``trajectories``
+    """Train one expert. ``x0`` (VAE latent of the image) for ``official`` — or ``images``, several
+    (latent, positive) pairs visited in turn, one per step; ``trajectories``
     (from :func:`teacher_trajectories`) for ``trajectory``; ``student_mix``: in the second half, the share
     of steps trained on the student's own rollout states (refreshed 8 times), with the teacher's fine
     rollout from each as the target. Returns the saved-format state dict."""
@@ -398,8 +400,10 @@ def train_expert(
     dummy_sigmas = torch.tensor([1.0, 0.0])
 
     if objective == "official":
-        if x0 is None:
+        images = images or ([(x0, positive)] if x0 is not None else [])
+        if not images:
             raise GlanceError("The official objective trains on an image: connect an IMAGE and a VAE.")
+        x0 = images[0][0]
         guider.set_conds(positive, [])
         guider.set_cfg(1.0)
         data_latent = x0
@@ -491,6 +495,9 @@ def train_expert(
                 student_pairs(cap)
             if objective == "official":
                 fn = official_step
+                data_latent, pos = images[step % len(images)]
+                if len(images) > 1:
+                    guider.set_conds(pos, [])
                 noise = torch.zeros_like(data_latent)
                 latent = data_latent
             else:

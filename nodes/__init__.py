@@ -5,6 +5,7 @@ from comfy_api.latest import ComfyExtension, io
 from .arcflow import ArcFlowDistiller, ArcFlowLoader, ArcFlowSampler
 from .guidance import QwenNormCFG
 from .loader import PhaseAwareLoRALoader
+from .reference import ReferenceLoader, ReferenceTextEncode
 from .scheduler import SlowFastScheduler
 from .trainer import OneShotTrainer
 
@@ -19,6 +20,8 @@ class GlanceExtension(ComfyExtension):
             ArcFlowLoader,
             ArcFlowSampler,
             ArcFlowDistiller,
+            ReferenceLoader,
+            ReferenceTextEncode,
         ]
 
 
