@@ -49,6 +49,7 @@ POOL = [
 ]
 ONE = "astronaut wide"
 HANDFUL = ["astronaut wide", "coffee close", "galaxy wide", "grass close"]
+SEEN = HANDFUL[:2]  # seen by the 1-image / 1-caption and the handful rows
 
 
 def _pack(name: str):
@@ -254,7 +255,7 @@ def main(argv: list[str] | None = None) -> dict:
     glance4 = sch.custom(ms.percent_to_sigma, 50, 2, 2, 2)
     simple = {n: comfy.samplers.calculate_sigmas(ms, "simple", n).tolist() for n in (50, 10, 6, 4)}
     held_out = HELD_OUT[:2] if args.quick else HELD_OUT
-    evals = [("held-out", held_out), ("seen", HANDFUL[:1] if args.quick else HANDFUL[:2])]
+    evals = [("held-out", held_out), ("seen", SEEN[:1] if args.quick else SEEN)]
     rows: list[dict] = []
     images: dict[str, np.ndarray] = {}
 
@@ -360,7 +361,7 @@ def report(rows: list[dict], out: Path, images: dict[str, np.ndarray], b: Bench)
     table = "\n".join(lines)
     head = (
         f"Reference teacher: {b.ref.info.get('trained_by', '?')}, {b.ref.info.get('steps', '?')} steps. "
-        f"CFG {CFG}; {len(HELD_OUT)}×{b.seeds} held-out and {len(HANDFUL)}×{b.seeds} seen conditions.\n\n"
+        f"CFG {CFG}; {len(HELD_OUT)}×{b.seeds} held-out and {len(SEEN)}×{b.seeds} seen conditions.\n\n"
     )
     (out / "report.md").write_text(head + table + "\n")
     (out / "report.json").write_text(json.dumps(rows, indent=1))

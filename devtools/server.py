@@ -143,7 +143,7 @@ class ComfyServer:
         if workflow is not None:
             body["extra_data"] = {"extra_pnginfo": {"workflow": workflow}}
         status, answer = self.post("/prompt", body)
-        if status != 200:
+        if status != 200 or answer.get("node_errors"):  # ComfyUI runs the valid outputs and drops the rest
             raise PromptRejected(answer)
         return answer["prompt_id"]
 

@@ -196,11 +196,12 @@ class OneShotTrainer(io.ComfyNode):
                 io.Int.Input(
                     "resolution",
                     default=1024,
-                    min=64,
+                    min=32,
                     max=4096,
                     step=32,
                     tooltip="Pixels. official: the image's longer side is resized to this (then floored to a multiple "
-                    "of 32). trajectory: the square size of the teacher rollouts. Usually 512-1024 (1024 = official).",
+                    "of 32). trajectory: the square size of the teacher rollouts. 512-1024 for FLUX/Qwen "
+                    "(1024 = official); 32 for the reference teacher.",
                 ),
                 io.Image.Input("image", optional=True, tooltip="official: the ONE training image (RGB)."),
                 io.Vae.Input("vae", optional=True, tooltip="official: the VAE of the model, to encode the image."),
