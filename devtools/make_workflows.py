@@ -374,12 +374,18 @@ def glance_qwen() -> Graph:
     return g
 
 
-def glance_train_flux() -> Graph:
-    g = Graph()
-    unet, vae, cond = _flux_loaders(g, image=True)
-    image = next(n for n in g.nodes if n.type == "LoadImage")
-    sched = _scheduler(g, "glance_flux", 0.0)
-    g.link(unet, 0, sched, "model")
+def _trainer(
+    g: Graph,
+    model: tuple[Node, int],
+    positive: tuple[Node, int],
+    image: Node,
+    vae: tuple[Node, int],
+    sched: Node,
+    resolution: int,
+    cfg: float,
+    negative: tuple[Node, int] | None = None,
+) -> tuple[Node, Node]:
+    """The One-Shot Trainer (official objective, node defaults otherwise), wired, and its loss-curve preview."""
     trainer = g.add(
         Node(
             10,
@@ -395,9 +401,9 @@ def glance_train_flux() -> Graph:
                 "seed": 0,
                 "target_layers": "official",
                 "batch": 1,
-                "resolution": 1024,
+                "resolution": resolution,
                 "boundary_sigma": 0.9,
-                "cfg": 1.0,
+                "cfg": cfg,
                 "noises": 8,
                 "teacher_steps": 50,
                 "student_mix": 0.0,
@@ -408,14 +414,26 @@ def glance_train_flux() -> Graph:
             size=(380, 620),
         )
     )
-    g.link(unet, 0, trainer, "model")
-    g.link(cond, 0, trainer, "positive")
+    g.link(*model, trainer, "model")
+    g.link(*positive, trainer, "positive")
     g.link(image, 0, trainer, "image")
-    g.link(vae, 0, trainer, "vae")
+    g.link(*vae, trainer, "vae")
     g.link(sched, 0, trainer, "sigmas")
     g.link(sched, 1, trainer, "boundary_sigma")
+    if negative is not None:
+        g.link(*negative, trainer, "negative")
     curve = g.add(Node(11, "PreviewImage", (X[4], 0), size=(380, 340), title="Loss curve"))
     g.link(trainer, 3, curve, "images")
+    return trainer, curve
+
+
+def glance_train_flux() -> Graph:
+    g = Graph()
+    unet, vae, cond = _flux_loaders(g, image=True)
+    image = next(n for n in g.nodes if n.type == "LoadImage")
+    sched = _scheduler(g, "glance_flux", 0.0)
+    g.link(unet, 0, sched, "model")
+    trainer, curve = _trainer(g, (unet, 0), (cond, 0), image, (vae, 0), sched, 1024, 1.0)
     _section(
         g,
         "Train the Slow and Fast experts",
@@ -554,43 +572,7 @@ def glance_reference_demo() -> Graph:
     )
     sched = _scheduler(g, "glance_flux", 0.0)
     g.link(ref, 0, sched, "model")
-    trainer = g.add(
-        Node(
-            10,
-            "OneShotTrainer",
-            (X[3], 280),
-            {
-                "objective": "official",
-                "expert": "both",
-                "steps": 60,
-                "rank": 0,
-                "alpha": 0.0,
-                "learning_rate": 0.0,
-                "seed": 0,
-                "target_layers": "official",
-                "batch": 1,
-                "resolution": 32,
-                "boundary_sigma": 0.9,
-                "cfg": 3.0,
-                "noises": 8,
-                "teacher_steps": 50,
-                "student_mix": 0.0,
-                "captions": "",
-                "save_name": "",
-                "overwrite": False,
-            },
-            size=(380, 620),
-        )
-    )
-    g.link(ref, 0, trainer, "model")
-    g.link(ref, 1, trainer, "positive")
-    g.link(image, 0, trainer, "image")
-    g.link(ref, 3, trainer, "vae")
-    g.link(sched, 0, trainer, "sigmas")
-    g.link(sched, 1, trainer, "boundary_sigma")
-    g.link(ref, 2, trainer, "negative")
-    curve = g.add(Node(11, "PreviewImage", (X[4], 0), size=(380, 340), title="Loss curve"))
-    g.link(trainer, 3, curve, "images")
+    trainer, curve = _trainer(g, (ref, 0), (ref, 1), image, (ref, 3), sched, 32, 3.0, negative=(ref, 2))
     _section(
         g,
         "Train the Slow and Fast experts on one image",

@@ -403,14 +403,10 @@ def train_expert(
         images = images or ([(x0, positive)] if x0 is not None else [])
         if not images:
             raise GlanceError("The official objective trains on an image: connect an IMAGE and a VAE.")
-        x0 = images[0][0]
-        guider.set_conds(positive, [])
         guider.set_cfg(1.0)
-        data_latent = x0
     elif objective == "trajectory":
         if not trajectories:
             raise GlanceError("The trajectory objective needs teacher trajectories.")
-        data_latent = None
     else:
         raise GlanceError(f"Unknown objective {objective!r}: choose 'official' or 'trajectory'.")
 
@@ -495,11 +491,9 @@ def train_expert(
                 student_pairs(cap)
             if objective == "official":
                 fn = official_step
-                data_latent, pos = images[step % len(images)]
-                if len(images) > 1:
-                    guider.set_conds(pos, [])
-                noise = torch.zeros_like(data_latent)
-                latent = data_latent
+                latent, pos = images[step % len(images)]
+                guider.set_conds(pos, [])
+                noise = torch.zeros_like(latent)
             else:
                 data = trajectories["captions"][step % len(trajectories["captions"])]
                 guider.set_conds(data["positive"], data["negative"] or [])
