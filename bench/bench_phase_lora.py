@@ -54,11 +54,8 @@ def build_model(cfg: dict, device: str, dtype: torch.dtype, seed: int = 0):
     """A FLUX ModelPatcher of config ``cfg`` with seeded random weights created on ``device``."""
     import comfy.model_management as mm
     import comfy.model_patcher
-    import comfy.supported_models
 
-    mc = comfy.supported_models.Flux(dict(cfg))
-    mc.set_inference_dtype(dtype, None)
-    model = mc.get_model({})
+    model = tiny_models.model_config("flux", cfg, dtype).get_model({})
     model.diffusion_model.to(device=device, dtype=dtype)
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():

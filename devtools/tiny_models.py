@@ -80,6 +80,39 @@ def _config_class(arch: str):
     return {"flux": sm.Flux, "qwen_image": sm.QwenImage}[arch]
 
 
+#: Fields newer ComfyUI releases added to FluxParams, with the value their detection gives a FLUX.1 file
+#: (0.33: ``txt_ids_dims`` = [] — no text-position RoPE axes).
+_FLUX1_DETECTED = {"txt_ids_dims": []}
+
+
+def runtime_config(arch: str, config: dict) -> dict:
+    """``config`` completed with the fields this ComfyUI release requires for a FLUX.1-layout model.
+
+    The tiny configs list the fields ComfyUI 0.3.75 needs; detection fills the newer ones for files on disk,
+    in-process builds take the same values here. A required field we do not know is an error, not a guess."""
+    config = dict(config)
+    if arch != "flux":
+        return config
+    import dataclasses
+
+    from comfy.ldm.flux.model import FluxParams
+
+    for f in dataclasses.fields(FluxParams):
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if required and f.name not in config and f.name not in ("image_model",):
+            if f.name not in _FLUX1_DETECTED:
+                raise RuntimeError(f"This ComfyUI's FluxParams requires '{f.name}', unknown to devtools.tiny_models.")
+            config[f.name] = _FLUX1_DETECTED[f.name]
+    return config
+
+
+def model_config(arch: str, config: dict | None = None, dtype: torch.dtype = torch.float32):
+    """ComfyUI's own model-config object (``supported_models``) for a tiny or full-size config."""
+    mc = _config_class(arch)(runtime_config(arch, config or CONFIGS[arch]))
+    mc.set_inference_dtype(dtype, None)
+    return mc
+
+
 def seeded_state_dict(shapes: dict[str, torch.Size], seed: int) -> dict[str, torch.Tensor]:
     """Weights ~ N(0, 1/fan_in), norm scales 1, biases small; each tensor seeded by (seed, key)."""
     sd = {}
@@ -98,9 +131,7 @@ def seeded_state_dict(shapes: dict[str, torch.Size], seed: int) -> dict[str, tor
 
 
 def model_shapes(arch: str, config: dict | None = None) -> dict[str, torch.Size]:
-    mc = _config_class(arch)(dict(config or CONFIGS[arch]))
-    mc.set_inference_dtype(torch.float32, None)
-    model = mc.get_model({}, device="meta")  # shapes only: no memory, even at full size
+    model = model_config(arch, config).get_model({}, device="meta")  # shapes only: no memory, even at full size
     return {k: v.shape for k, v in model.diffusion_model.state_dict().items()}
 
 
@@ -113,9 +144,7 @@ def build(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32, device: 
     import comfy.model_management as mm
     import comfy.model_patcher
 
-    mc = _config_class(arch)(dict(CONFIGS[arch]))
-    mc.set_inference_dtype(dtype, None)
-    model = mc.get_model({})
+    model = model_config(arch, dtype=dtype).get_model({})
     model.load_model_weights(state_dict(arch, seed), "")
     load_device = torch.device(device) if device else mm.get_torch_device()
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=mm.unet_offload_device())

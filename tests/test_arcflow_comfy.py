@@ -134,13 +134,11 @@ def test_full_size_official_layout_loads(comfy_nodes, glance, tiny, arch, config
     import importlib
 
     import comfy.model_patcher
-    import comfy.supported_models as sm
 
     am = importlib.import_module(glance.__name__ + ".glance_core.arcflow_model")
     experts = importlib.import_module(glance.__name__ + ".glance_core.experts")
     config = getattr(tiny, config)
-    mc = (sm.Flux if arch == "flux" else sm.QwenImage)(dict(config))
-    mc.set_inference_dtype(torch.bfloat16, None)
+    mc = tiny.model_config(arch, config, torch.bfloat16)
     model = comfy.model_patcher.ModelPatcher(mc.get_model({}, device="meta"), load_device="meta", offload_device="meta")
     sd = tiny.arcflow_adapter(arch, k=16, rank=256, config=config, shapes_only=True)
     assert tuple(sd["norm_out.linear.weight"].shape) == (6144, 3072)
