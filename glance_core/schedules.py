@@ -149,3 +149,109 @@ def validate_sigmas(sigmas: Sequence[float]) -> None:
     for a, b in zip(sigmas, sigmas[1:]):
         if not b < a:
             raise GlanceError(f"Sigmas must be strictly descending; found {a} followed by {b}.")
+
+
+# ---------------------------------------------------------------------------------------------
+# The released Glance Qwen-Image pipeline's stepping ("official" mode).
+#
+# The released pipelines overwrite the scheduler's timesteps with hard-coded bf16 values, so the
+# model is CONDITIONED at t = bf16(1000·σ) of the 50-step schedule's Glance steps, while diffusers'
+# Euler step ignores the t it is given and UPDATES with the scheduler's own sigma list: the Slow
+# pipeline's 50-step schedule (its first 5 intervals), then the Fast pipeline's own 5-step schedule,
+# started afresh at σ = 1. Both lists are rebuilt here from the scheduler configuration.
+# ---------------------------------------------------------------------------------------------
+
+#: diffusers ``FlowMatchEulerDiscreteScheduler`` configuration of Qwen-Image (its scheduler_config.json).
+QWEN_IMAGE_SCHEDULER: dict[str, object] = {
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 0.9,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 8192,
+    "shift_terminal": 0.02,
+    "time_shift_type": "exponential",
+}
+#: The image size the hard-coded conditioning timesteps were taken at: 1024² = 4096 latent tokens.
+OFFICIAL_SEQ_LEN = (1024 // 16) ** 2
+#: Name of the official-stepping preset of the Slow/Fast Scheduler.
+OFFICIAL_PRESET = "glance_qwen_image_official"
+#: The released pipelines' step counts: the Slow one forces a 50-step schedule, the Fast one 5 steps.
+OFFICIAL_SLOW_BASE_STEPS = 50
+OFFICIAL_FAST_STEPS = 5
+
+
+def qwen_mu(image_seq_len: int) -> float:
+    """Resolution-dependent shift mu of the Qwen-Image pipeline: linear in the latent token count."""
+    c = QWEN_IMAGE_SCHEDULER
+    slope = (c["max_shift"] - c["base_shift"]) / (c["max_image_seq_len"] - c["base_image_seq_len"])
+    return c["base_shift"] + slope * (image_seq_len - c["base_image_seq_len"])
+
+
+def flow_match_sigmas(steps: int, mu: float, shift_terminal: float) -> list[float]:
+    """diffusers' dynamic-shifting flow schedule: ``linspace(1, 1/steps, steps)`` shifted with ``mu``,
+    stretched so that its last sigma is ``shift_terminal`` (0 = no stretch), then the terminal 0."""
+    if steps < 1:
+        raise GlanceError(f"A flow schedule needs at least one step (got {steps}).")
+    ts = [1.0 - i * (1.0 - 1.0 / steps) / (steps - 1) for i in range(steps)] if steps > 1 else [1.0]
+    sig = [flux_time_shift(mu, t) for t in ts]
+    if shift_terminal:
+        scale = (1.0 - sig[-1]) / (1.0 - shift_terminal)
+        sig = [1.0 - (1.0 - s) / scale for s in sig]
+    return sig + [0.0]
+
+
+def bf16_timestep_sigma(sigma: float) -> float:
+    """σ as the released pipeline conditions the model on it: t = 1000σ rounded to bfloat16, then
+    t / 1000 in float32 (the model's dtype)."""
+    import torch
+
+    t = torch.tensor(1000.0 * sigma, dtype=torch.float64).to(torch.bfloat16).to(torch.float32)
+    return float(t / 1000)
+
+
+@dataclass(frozen=True)
+class OfficialStepping:
+    """The released pipeline's 10 model calls: ``conditioning`` are the sigmas the model is called
+    at (terminal 0 appended, a descending SIGMAS list), ``updates`` the (from, to) sigmas of the
+    Euler update after each call; the first ``slow_steps`` calls belong to the Slow pipeline."""
+
+    conditioning: tuple[float, ...]
+    updates: tuple[tuple[float, float], ...]
+    slow_steps: int
+
+    @property
+    def schedule(self) -> SlowFastSchedule:
+        return SlowFastSchedule(self.conditioning, self.slow_steps)
+
+    @property
+    def total_update(self) -> float:
+        """Σ (from − to) over all updates: 1 for a consistent schedule, ≈1.054 for the released one."""
+        return sum(a - b for a, b in self.updates)
+
+
+def official_conditioning() -> tuple[float, ...]:
+    """The sigmas the released pipelines condition the model at (1024² schedule, bf16-rounded), + 0."""
+    base = flow_match_sigmas(
+        OFFICIAL_SLOW_BASE_STEPS, qwen_mu(OFFICIAL_SEQ_LEN), QWEN_IMAGE_SCHEDULER["shift_terminal"]
+    )
+    slow, fast = glance_indices(OFFICIAL_SLOW_BASE_STEPS, PRESET_SLOW_STEPS, 2, OFFICIAL_FAST_STEPS)
+    return tuple(bf16_timestep_sigma(base[i]) for i in slow + fast) + (0.0,)
+
+
+def official_stepping(image_seq_len: int = OFFICIAL_SEQ_LEN) -> OfficialStepping:
+    """The released Glance Qwen-Image stepping for an image of ``image_seq_len`` latent tokens.
+
+    The conditioning sigmas are hard-coded in the pipelines (taken at 1024²); the update sigmas are
+    the schedules the pipelines build for the actual image: mu follows its token count, as in
+    ``QwenImagePipeline``. At 1024²: updates 1.0 → 0.98970 → … → 0.94634 (Slow), then
+    1.0 → 0.8367 → 0.6326 → 0.3701 → 0.02 → 0 (Fast).
+    """
+    if image_seq_len < 1:
+        raise GlanceError(f"The latent has no tokens (image_seq_len = {image_seq_len}).")
+    mu, terminal = qwen_mu(image_seq_len), QWEN_IMAGE_SCHEDULER["shift_terminal"]
+    slow = flow_match_sigmas(OFFICIAL_SLOW_BASE_STEPS, mu, terminal)[: PRESET_SLOW_STEPS + 1]
+    fast = flow_match_sigmas(OFFICIAL_FAST_STEPS, mu, terminal)
+    updates = tuple(zip(slow, slow[1:])) + tuple(zip(fast, fast[1:]))
+    return OfficialStepping(official_conditioning(), updates, PRESET_SLOW_STEPS)

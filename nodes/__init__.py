@@ -5,6 +5,7 @@ from comfy_api.latest import ComfyExtension, io
 from .arcflow import ArcFlowDistiller, ArcFlowLoader, ArcFlowSampler
 from .guidance import QwenNormCFG
 from .loader import PhaseAwareLoRALoader
+from .official import GlanceOfficialSampler
 from .reference import ReferenceLoader, ReferenceTextEncode
 from .scheduler import SlowFastScheduler
 from .trainer import OneShotTrainer
@@ -16,6 +17,7 @@ class GlanceExtension(ComfyExtension):
             SlowFastScheduler,
             PhaseAwareLoRALoader,
             QwenNormCFG,
+            GlanceOfficialSampler,
             OneShotTrainer,
             ArcFlowLoader,
             ArcFlowSampler,

@@ -13,7 +13,11 @@ from .common import CATEGORY, require_flow_model
 
 log = logging.getLogger("comfyui-glance")
 
-_PRESET_ARCH = {"glance_qwen_image": comfy.model_base.QwenImage, "glance_flux": comfy.model_base.Flux}
+_PRESET_ARCH = {
+    "glance_qwen_image": comfy.model_base.QwenImage,
+    "glance_flux": comfy.model_base.Flux,
+    schedules.OFFICIAL_PRESET: comfy.model_base.QwenImage,
+}
 
 
 class SlowFastScheduler(io.ComfyNode):
@@ -27,7 +31,9 @@ class SlowFastScheduler(io.ComfyNode):
                 "Sigmas for Glance sampling: a few small Slow steps at high noise, then a few large Fast steps. "
                 "The presets are the official 10-step lists (5 Slow + 5 Fast of the base model's 50-step schedule at "
                 "1024²). 'custom' derives the list from the connected model's own sampling. Wire 'sigmas' into "
-                "SamplerCustomAdvanced and 'boundary_sigma' into the Phase-Aware LoRA Loader."
+                "SamplerCustomAdvanced and 'boundary_sigma' into the Phase-Aware LoRA Loader. "
+                f"'{schedules.OFFICIAL_PRESET}' gives the timesteps the released Qwen-Image pipeline conditions the "
+                "model at: use it with Glance Official Sampler to reproduce that pipeline exactly."
             ),
             inputs=[
                 io.Model.Input(
@@ -37,10 +43,12 @@ class SlowFastScheduler(io.ComfyNode):
                 ),
                 io.Combo.Input(
                     "preset",
-                    options=[*schedules.PRESETS, "custom"],
+                    options=[*schedules.PRESETS, schedules.OFFICIAL_PRESET, "custom"],
                     default="glance_flux",
-                    tooltip="glance_qwen_image / glance_flux: the official Glance sigma lists. custom: "
-                    "derived from the model with the settings below (ignored by the presets).",
+                    tooltip="glance_qwen_image / glance_flux: the official Glance sigma lists, stepped as they are. "
+                    f"{schedules.OFFICIAL_PRESET}: the released pipeline's bf16-rounded timesteps (1.0, 0.98, … "
+                    "0.02), for Glance Official Sampler only. custom: derived from the model with the settings "
+                    "below (ignored by the presets).",
                 ),
                 io.Int.Input(
                     "base_steps",
@@ -113,7 +121,10 @@ class SlowFastScheduler(io.ComfyNode):
                 ms.percent_to_sigma, base_steps, slow_steps, slow_stride, fast_steps, shift_terminal
             )
         else:
-            sched = schedules.preset(preset)
+            if preset == schedules.OFFICIAL_PRESET:
+                sched = schedules.official_stepping().schedule
+            else:
+                sched = schedules.preset(preset)
             arch = _PRESET_ARCH[preset]
             if not isinstance(model.model, arch):
                 log.warning(
