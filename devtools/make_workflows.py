@@ -22,6 +22,7 @@ PACK_NODES = (
     "SlowFastScheduler",
     "PhaseAwareLoRALoader",
     "GlanceQwenNormCFG",
+    "GlanceOfficialSampler",
     "OneShotTrainer",
     "ArcFlowSampler",
     "ArcFlowLoader",
@@ -76,10 +77,13 @@ def _sampling_tail(
     arcflow: bool = False,
     y: int = 0,
     extra: tuple[Node, ...] = (),
+    official: bool = False,
 ) -> None:
     noise = g.add(Node(20, "RandomNoise", (x, y), {"noise_seed": 42}, size=(300, 90)))
     if arcflow:
         sampler = g.add(Node(21, "ArcFlowSampler", (x, y + 140), size=(300, 40)))
+    elif official:
+        sampler = g.add(Node(21, "GlanceOfficialSampler", (x, y + 140), size=(300, 40)))
     else:
         sampler = g.add(Node(21, "KSamplerSelect", (x, y + 140), {"sampler_name": "euler"}, size=(300, 60)))
     latent = g.add(
@@ -106,6 +110,12 @@ def _sampling_tail(
         text = (
             "ArcFlow Sampler moves each step by the closed-form integral of the adapter's momentum velocities: "
             "2 model evaluations per image. (KSamplerSelect 'euler' lands on the same image.)\n\n"
+        )
+    elif official:
+        text = (
+            "Glance Official Sampler calls the model at each sigma above and moves the latent with the released "
+            "pipelines' own step sizes (they follow the image size, as in the pipeline). It takes only the "
+            "glance_qwen_image_official sigmas (or SplitSigmas parts of them).\n\n"
         )
     else:
         text = (
@@ -240,6 +250,15 @@ GLANCE_TEXT = (
 )
 
 
+OFFICIAL_TEXT = (
+    "Slow/Fast Scheduler: preset glance_qwen_image_official gives the timesteps the released pipeline conditions "
+    "the model at (1.0, 0.98, 0.956, 0.936, 0.912 | 0.888, 0.744, 0.564, 0.32, 0.02) and the boundary 0.9 between "
+    "the phases (the other widgets only apply with preset 'custom').\n\n"
+    "Phase-Aware LoRA Loader: the Slow LoRA for the calls at sigma >= boundary, the Fast LoRA below, inside ONE "
+    "sampling run: each expert gets the timesteps it has in the released pipeline. The LoRA files go in models/loras."
+)
+
+
 def glance_flux() -> Graph:
     g = Graph()
     unet, vae, cond = _flux_loaders(g)
@@ -328,7 +347,8 @@ def _qwen_loaders(g: Graph) -> tuple[Node, Node, Node]:
     return unet, clip, vae
 
 
-def glance_qwen() -> Graph:
+def glance_qwen(official: bool = False) -> Graph:
+    """The Glance Qwen-Image graph; ``official``: the released pipeline's stepping (preset + sampler)."""
     g = Graph()
     unet, clip, vae = _qwen_loaders(g)
     pos = g.add(Node(4, "CLIPTextEncode", (X[2], 0), {"text": PROMPT}, title="Prompt", size=(360, 140)))
@@ -346,7 +366,8 @@ def glance_qwen() -> Graph:
         "CFG each step evaluates the model twice (positive and negative).",
         COLORS["prompt"],
     )
-    sched, lora = _glance_nodes(g, unet, "glance_qwen_image", 0.02, "glance_qwen")
+    preset = "glance_qwen_image_official" if official else "glance_qwen_image"
+    sched, lora = _glance_nodes(g, unet, preset, 0.02, "glance_qwen")
     norm = g.add(Node(9, "GlanceQwenNormCFG", (X[3], 530), size=(380, 50)))
     g.link(lora, 0, norm, "model")
     guider = g.add(Node(8, "CFGGuider", (X[3], 630), {"cfg": 5.0}, size=(380, 100)))
@@ -358,11 +379,26 @@ def glance_qwen() -> Graph:
         "Glance: Slow and Fast experts",
         [sched, lora, norm, guider],
         42,
-        GLANCE_TEXT.format(preset="glance_qwen_image")
+        (OFFICIAL_TEXT if official else GLANCE_TEXT.format(preset="glance_qwen_image"))
         + "\n\nQwen Norm-Rescaled CFG + CFGGuider cfg 5: the official 'true CFG' (each 2x2 latent patch rescaled "
         "to the conditional prediction's norm).",
         COLORS["method"],
     )
+    if official:
+        _sampling_tail(g, guider, (sched, 0), vae, "glance_qwen_image_official", X[4], official=True)
+        _readme(
+            g,
+            "The released Glance Qwen-Image pipeline's sampling, reproduced exactly: 10 steps with true CFG 5 (20 "
+            "model evaluations), Slow LoRA then Fast LoRA, negative prompt ' ', Qwen's norm-rescaled CFG. (The noise "
+            "comes from ComfyUI's seed, so seed 0 here is not the demo's seed 0.)\n\n"
+            "As in the released code, the model is told the hard-coded timesteps 1000, 980, 956, 936, 912 | 888, "
+            "744, 564, 320, 20 (/1000) while each Euler update uses other sigmas: the first 5 intervals of the Slow "
+            "pipeline's 50-step schedule (1.0 to 0.946), then the Fast pipeline's own 5-step schedule from 1.0 "
+            "again (total 1.054 instead of 1).\n\nUse it to get the official demo's images from the official "
+            "files glance_qwen_slow/fast.safetensors (CSU-JPG/Glance, strength 1.0). glance_qwen_image_10step is "
+            "the consistent variant: it steps along the sigmas the model is told.",
+        )
+        return g
     _sampling_tail(g, guider, (sched, 0), vae, "glance_qwen_image_10step", X[4])
     _readme(
         g,
@@ -646,6 +682,7 @@ WORKFLOW_BUILDERS = {
     "glance_flux_train_one_image": glance_train_flux,
     "glance_flux_10step": glance_flux,
     "glance_qwen_image_10step": glance_qwen,
+    "glance_qwen_image_official": lambda: glance_qwen(official=True),
     "flux_base_50step": flux_base,
 }
 

@@ -17,6 +17,7 @@ PACK_NODES = {
     "SlowFastScheduler",
     "PhaseAwareLoRALoader",
     "GlanceQwenNormCFG",
+    "GlanceOfficialSampler",
     "OneShotTrainer",
     "ArcFlowLoader",
     "ArcFlowSampler",
