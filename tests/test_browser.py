@@ -20,7 +20,13 @@ REPO = Path(__file__).resolve().parent.parent
 WORKFLOWS = sorted(p.stem for p in (REPO / "workflows").glob("*.json"))
 SHOTS = Path(os.environ.get("GLANCE_SCREENSHOTS") or REPO / "docs" / "screenshots")
 DEMO_SHEET = REPO / "out" / "demo" / "sheet.png"
-GLANCE_NODES = ["SlowFastScheduler", "PhaseAwareLoRALoader", "GlanceQwenNormCFG", "OneShotTrainer"]
+GLANCE_NODES = [
+    "SlowFastScheduler",
+    "PhaseAwareLoRALoader",
+    "GlanceQwenNormCFG",
+    "OneShotTrainer",
+    "GlanceOfficialSampler",
+]
 ARCFLOW_NODES = ["ArcFlowLoader", "ArcFlowSampler", "ArcFlowDistiller"]
 SAVE_IMAGE, TRAINER, LOSS_CURVE = 25, 10, 11  # node ids in the shipped workflows
 
