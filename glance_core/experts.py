@@ -86,12 +86,17 @@ class ModuleDelta:
         down = up = None
         if self.parts:
             down = torch.cat([a.to(device=device, dtype=dtype) for _, a, _, _ in self.parts], dim=0)
-            up = torch.zeros(self.rows, down.shape[0], device=device, dtype=dtype)
-            col = 0
-            for row, a, b, scale in self.parts:
-                scaled = b.to(device=device, dtype=torch.float32) * scale
-                up[row : row + b.shape[0], col : col + a.shape[0]] = scaled.to(dtype)
-                col += a.shape[0]
+            # Each B at its output rows, zeros elsewhere, side by side: [rows, R].
+            up = torch.cat(
+                [
+                    torch.nn.functional.pad(
+                        (b.to(device=device, dtype=torch.float32) * scale).to(dtype),
+                        (0, 0, row, self.rows - row - b.shape[0]),
+                    )
+                    for row, _, b, scale in self.parts
+                ],
+                dim=1,
+            )
         dense = None if self.dense is None else self.dense.to(device=device, dtype=dtype)
         bias = None if self.bias is None else self.bias.to(device=device, dtype=dtype)
         return down, up, dense, bias
@@ -118,7 +123,7 @@ class ModuleDelta:
             delta = bias if delta is None else delta + bias
         if torch.is_grad_enabled() and out.requires_grad:
             out = out.clone()
-        out[..., self.row_start : self.row_start + self.rows] += delta
+        out.narrow(-1, self.row_start, self.rows).add_(delta)
         return out
 
     def release(self) -> None:
