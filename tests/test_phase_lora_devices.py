@@ -176,7 +176,7 @@ def test_loader_accepts_mixed_precision_linear_layers(comfy_nodes, glance, tiny,
     import comfy.ops
 
     pos, neg, sigmas, boundary = flux_pair
-    mc = tiny._config_class("flux")(dict(tiny.CONFIGS["flux"]))
+    mc = tiny._config_class("flux")(tiny.unet_config("flux"))
     mc.set_inference_dtype(torch.float32, None)
     mc.custom_operations = comfy.ops.mixed_precision_ops({}, torch.float32)
     model = mc.get_model({})
