@@ -319,8 +319,8 @@ def build_expert(
     if total_dense > MAX_DENSE_BYTES:
         raise GlanceError(
             f"LoRA {name!r}: {len(dense_bytes)} layers use adapters that are not plain low-rank pairs (LoHa, LoKr, "
-            f"DoRA, full diffs); kept as dense weight deltas they would take {total_dense / 2**30:.2f} GiB, more "
-            f"than the {MAX_DENSE_BYTES / 2**30:.0f} GiB this loader allows per expert. Load this file with "
+            f"DoRA, full diffs); kept as dense weight deltas they would take {total_dense / 2**20:.1f} MiB, more "
+            f"than the {MAX_DENSE_BYTES / 2**20:.0f} MiB this loader allows per expert. Load this file with "
             f"LoraLoaderModelOnly (ComfyUI merges it into the weights), or convert it to a plain LoRA."
         )
 
