@@ -183,7 +183,7 @@ def is_linear(module: torch.nn.Module) -> bool:
 def check_finite(lora_sd: dict[str, torch.Tensor], name: str) -> None:
     """Refuse NaN, inf and overflowing values (they would sample a black image without an error)."""
     for key, t in lora_sd.items():
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.numel() == 0:
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.numel() == 0 or t.is_meta:
             continue
         t = t.detach()
         if not bool(torch.isfinite(t).all()):
@@ -208,12 +208,14 @@ def is_flux(model) -> bool:
 def parse_lora(model_patcher, lora_sd: dict[str, torch.Tensor], name: str) -> dict:
     """ComfyUI's patch dict for ``lora_sd`` on this model (its own key maps and weight adapters).
 
-    Raises GlanceError naming ``name`` and the count when keys match no layer: a LoRA loaded in part
-    silently changes its effect.
+    Raises GlanceError naming ``name`` (and the key) for NaN/inf/overflowing values, when keys match
+    no layer (a LoRA loaded in part silently changes its effect), and when a patch on a Linear layer
+    does not fit it (ComfyUI would log it and leave the weight unchanged).
     """
     import comfy.lora
     import comfy.lora_convert
 
+    check_finite(lora_sd, name)
     base_model = model_patcher.model
     key_map = comfy.lora.model_lora_keys_unet(base_model, {})
     sd = _RecordingDict(comfy.lora_convert.convert_lora(dict(lora_sd)))
@@ -237,6 +239,11 @@ def parse_lora(model_patcher, lora_sd: dict[str, torch.Tensor], name: str) -> di
         log.info(
             "Glance: %s has %d text-encoder keys; this loader patches the diffusion model only.", name, len(ignored_te)
         )
+    for key, patch in patches.items():
+        weight_key, offset = (key, None) if isinstance(key, str) else (key[0], key[1] if len(key) > 1 else None)
+        _, module, param = _module_of(base_model, weight_key)
+        if is_linear(module):
+            _check_fit(patch, name, weight_key, param, module, offset)
     return patches
 
 
@@ -295,11 +302,10 @@ def build_expert(
 
     if not math.isfinite(strength):
         raise GlanceError(f"LoRA {name!r}: strength must be a finite number (got {strength}).")
-    check_finite(lora_sd, name)
     base_model = model_patcher.model
     patches = parse_lora(model_patcher, lora_sd, name)
 
-    # Group patches by Linear module: low-rank pieces and dense pieces; check every fit first.
+    # Group patches by Linear module: low-rank pieces and dense pieces (parse_lora checked every fit).
     grouped: dict[str, list[tuple]] = {}
     dense_bytes: dict[str, int] = {}
     for key, patch in patches.items():
@@ -310,7 +316,6 @@ def build_expert(
                 f"LoRA {name!r} patches {weight_key} ({type(module).__name__}); the phase-aware loader applies LoRAs "
                 f"to Linear layers only. Use LoraLoaderModelOnly for this file."
             )
-        _check_fit(patch, name, weight_key, param, module, offset)
         lowrank = _as_lowrank(patch, offset, function, param)
         if lowrank is None:
             dense_bytes[module_name] = module.out_features * (module.in_features + 1) * 4

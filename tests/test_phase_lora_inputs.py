@@ -215,3 +215,23 @@ def test_schedules_starting_below_the_boundary_run_fast_only(comfy_nodes, glance
     assert ph.counts["slow"] == 0 and ph.counts["fast"] > 0
     c = ks.sample(fast_only, 3, 8, 3.0, "euler", "simple", pos, neg, {"samples": image}, denoise=0.6)[0]["samples"]
     assert close(b, c)
+
+
+def test_arcflow_adapter_lora_part_gets_the_same_checks(comfy_nodes, tiny, loras_dir):
+    """The ArcFlow loader merges its adapter's LoRA through the same parser: a NaN value or a LoRA part for
+    another model size is a named error there too, not a black or silently unchanged image."""
+    model = tiny.build("flux", 0)
+    node = _n(comfy_nodes, "ArcFlowLoader")
+    good = tiny.arcflow_adapter("flux", 3)
+    lora_key = "single_transformer_blocks.0.proj_out.lora_B.weight"  # → single_blocks.0.linear2 [64, 320]
+    nan = dict(good)
+    nan[lora_key] = good[lora_key].clone()
+    nan[lora_key][0, 0] = math.nan
+    tiny.save_lora(loras_dir / "arc_nan.safetensors", nan)
+    with pytest.raises(ValueError, match=rf"arc_nan\.safetensors.*{lora_key}.*NaN or inf"):
+        node.execute(model, "arc_nan.safetensors")
+    wide = dict(good)
+    wide[lora_key] = torch.randn(96, good[lora_key].shape[1])
+    tiny.save_lora(loras_dir / "arc_wide.safetensors", wide)
+    with pytest.raises(ValueError, match=r"arc_wide\.safetensors' does not fit .*linear2.*\[96, 320\].*\[64, 320\]"):
+        node.execute(model, "arc_wide.safetensors")
