@@ -87,6 +87,13 @@ def test_factors_stay_in_the_files_dtype_and_copies_in_the_compute_dtype(comfy_n
     ph = glance.glance_core.experts.phase_loras(ours)[0]
     assert all(t.dtype == torch.bfloat16 for d in _deltas(ph) for _, a, b, _ in d.parts for t in (a, b))
     assert sum(d.nbytes() for d in _deltas(ph)) == sum(v.numel() * 2 for v in sd.values())
+    # No host copy at all: the factors are the (cached) file's own tensors.
+    files = glance.glance_core.lora_files
+    cached, _ = files.load_safetensors(files.resolve_in_folder("loras", "bf16.safetensors"))
+    storages = {v.untyped_storage().data_ptr() for v in cached.values()}
+    assert all(
+        t.untyped_storage().data_ptr() in storages for d in _deltas(ph) for _, a, b, _ in d.parts for t in (a, b)
+    )
     assert ours.model_size() == model.model_size() + ph.device_bytes(2)
     mm.load_models_gpu([ours])
     try:
