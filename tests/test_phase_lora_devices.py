@@ -207,7 +207,8 @@ def test_loader_accepts_mixed_precision_linear_layers(comfy_nodes, glance, tiny,
 
 
 # --- "cuda" weights: FakeTensorMode raises on any cpu/cuda mix -----------------------------------
-def test_expert_hooks_on_cuda_weights_never_mix_devices(comfy_nodes, glance, tiny):
+@pytest.mark.parametrize("lowvram", [False, True], ids=["loaded", "partially_loaded"])
+def test_expert_hooks_on_cuda_weights_never_mix_devices(comfy_nodes, glance, tiny, lowvram):
     """Both experts with "cuda" factors (as a LORA_MODEL trained on the GPU has), a Slow and a Fast evaluation
     through the hooks of every targeted layer of the real ComfyUI FLUX model, bf16 activations on "cuda"
     (FakeTensorMode): any tensor the hooks create or keep on the CPU raises FakeTensorDeviceMismatchError.
@@ -234,6 +235,7 @@ def test_expert_hooks_on_cuda_weights_never_mix_devices(comfy_nodes, glance, tin
             d.bias = None if d.bias is None else on_cuda(d.bias)
     ph = E.PhaseLoRA(slow, fast, 0.9)
     ph.inject(patcher)
+    patcher.model.model_lowvram = lowvram  # what ComfyUI's load() sets after a partial load
     assert set(fast.deltas) - set(slow.deltas), "the Fast expert must reach layers Slow does not"
     seen = []
 
@@ -255,9 +257,13 @@ def test_expert_hooks_on_cuda_weights_never_mix_devices(comfy_nodes, glance, tin
             ph.apply_model_wrapper(every_layer, None, torch.full((1,), sigma))
         assert ph.counts == {"slow": 1, "fast": 1} and len(seen) == 2 * len(ph.modules)
         copies = [t for d in _deltas(ph) for hit in d._cache.values() for t in hit if t is not None]
-        assert copies and all(t.device == cuda and t.dtype == torch.bfloat16 for t in copies)
+        if lowvram:
+            assert not copies, "a partially loaded model keeps no expert copies"
+        else:
+            assert copies and all(t.device == cuda and t.dtype == torch.bfloat16 for t in copies)
     finally:
         ph.eject(patcher)
+        patcher.model.model_lowvram = False
     assert ph.cached_bytes() == 0
     # The check has teeth: a CPU tensor in the same computation raises.
     with mode, pytest.raises(Exception, match="[Dd]evice"):
