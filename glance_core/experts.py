@@ -13,7 +13,14 @@ the run, an interrupt or an exception.
 The LoRA file is parsed by ComfyUI itself (``model_lora_keys_unet`` + ``load_lora`` and its
 weight adapters), so every key layout ComfyUI loads is loaded here, including fused-qkv row
 offsets for FLUX. Plain LoRA pairs stay low-rank; other adapters (LoHa, LoKr, DoRA, diffs)
-become a dense weight delta computed by ``comfy.lora.calculate_weight``.
+become a dense weight delta computed by ``comfy.lora.calculate_weight``, up to a size limit.
+
+Memory: the factors stay in the file's own tensors (no copy) on the CPU. Copies in the compute
+dtype on the compute device are made at the first evaluation and freed when ComfyUI ejects the
+model (unload, eject, partial unload to the CPU); their size is added to the patcher's
+``model_size`` so that ComfyUI frees room for them. While the model is partially loaded
+(lowvram) or dynamically loaded, nothing is cached: each layer's factors are copied for its
+call and dropped, like ComfyUI's own offloaded weights.
 """
 
 from __future__ import annotations
@@ -51,37 +58,60 @@ class _RecordingDict(dict):
         return super().get(key, default)
 
 
+#: Largest value accepted in a LoRA file: beyond it half-precision compute overflows to inf.
+MAX_ABS_VALUE = 65504.0
+#: Dense deltas (LoHa, LoKr, DoRA, diffs) are full weight-sized float32 tensors per layer: cap them per expert.
+MAX_DENSE_BYTES = 1 << 30
+
+
 @dataclass
 class ModuleDelta:
     """What one expert adds to the output of one Linear layer: ``x A^T U^T`` (+ dense parts).
 
-    ``down`` [R, in] stacks the LoRA-A factors of every patch on the layer (e.g. q, k, v of a
-    fused qkv); ``up`` [rows, R] holds the matching B factors, pre-scaled by strength·alpha/rank,
-    placed at their output rows relative to ``row_start``; ``dense`` [rows, in] and ``bias``
-    [rows] hold non-low-rank deltas. All in float32 on CPU; per-device copies are cached.
+    ``parts`` are the plain LoRA patches on the layer (e.g. q, k, v of a fused qkv), each
+    (first output row relative to ``row_start``, A [r, in], B [rows_i, r], scale) with A and B the
+    file's own tensors; the stacked device copy is ``down`` [R, in] and a block ``up`` [rows, R]
+    pre-scaled by strength·alpha/rank. ``dense`` [rows, in] and ``bias`` [rows] hold non-low-rank
+    deltas in float32 on the CPU. Device copies live in ``_cache`` until ``release``.
     """
 
     row_start: int
     rows: int
-    down: torch.Tensor | None = None
-    up: torch.Tensor | None = None
+    parts: list = field(default_factory=list)
     dense: torch.Tensor | None = None
     bias: torch.Tensor | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
-    def _on(self, device: torch.device, dtype: torch.dtype) -> tuple:
+    def _build(self, device: torch.device, dtype: torch.dtype) -> tuple:
+        down = up = None
+        if self.parts:
+            down = torch.cat([a.to(device=device, dtype=dtype) for _, a, _, _ in self.parts], dim=0)
+            # Each B at its output rows, zeros elsewhere, side by side: [rows, R].
+            up = torch.cat(
+                [
+                    torch.nn.functional.pad(
+                        (b.to(device=device, dtype=torch.float32) * scale).to(dtype),
+                        (0, 0, row, self.rows - row - b.shape[0]),
+                    )
+                    for row, _, b, scale in self.parts
+                ],
+                dim=1,
+            )
+        dense = None if self.dense is None else self.dense.to(device=device, dtype=dtype)
+        bias = None if self.bias is None else self.bias.to(device=device, dtype=dtype)
+        return down, up, dense, bias
+
+    def _on(self, device: torch.device, dtype: torch.dtype, keep: bool) -> tuple:
+        if not keep:
+            return self._build(device, dtype)
         key = (device, dtype)
         hit = self._cache.get(key)
         if hit is None:
-            hit = tuple(
-                None if t is None else t.to(device=device, dtype=dtype)
-                for t in (self.down, self.up, self.dense, self.bias)
-            )
-            self._cache[key] = hit
+            hit = self._cache[key] = self._build(device, dtype)
         return hit
 
-    def add_to(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        down, up, dense, bias = self._on(out.device, out.dtype)
+    def add_to(self, x: torch.Tensor, out: torch.Tensor, keep: bool = True) -> torch.Tensor:
+        down, up, dense, bias = self._on(out.device, out.dtype, keep)
         x = x.to(out.dtype)
         delta = None
         if down is not None:
@@ -93,11 +123,29 @@ class ModuleDelta:
             delta = bias if delta is None else delta + bias
         if torch.is_grad_enabled() and out.requires_grad:
             out = out.clone()
-        out[..., self.row_start : self.row_start + self.rows] += delta
+        out.narrow(-1, self.row_start, self.rows).add_(delta)
         return out
 
+    def release(self) -> None:
+        """Drop the device copies (the CPU masters stay)."""
+        self._cache.clear()
+
+    def cached_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for hit in self._cache.values() for t in hit if t is not None)
+
+    def device_bytes(self, element_size: int) -> int:
+        """Size of one device copy at ``element_size`` bytes per value."""
+        n = 0
+        if self.parts:
+            r = sum(a.shape[0] for _, a, _, _ in self.parts)
+            n += r * self.parts[0][1].shape[1] + self.rows * r
+        n += sum(t.numel() for t in (self.dense, self.bias) if t is not None)
+        return n * element_size
+
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.down, self.up, self.dense, self.bias) if t is not None)
+        """Host memory this delta holds (the low-rank factors are shared with the file's tensors)."""
+        tensors = [t for _, a, b, _ in self.parts for t in (a, b)] + [self.dense, self.bias]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 @dataclass
@@ -120,6 +168,37 @@ def _module_of(model: torch.nn.Module, weight_key: str) -> tuple[str, torch.nn.M
     return module_name, module, param
 
 
+def is_linear(module: torch.nn.Module) -> bool:
+    """A Linear layer, including ComfyUI's mixed-precision/quantized Linear classes that are not ``nn.Linear``."""
+    if isinstance(module, torch.nn.Linear):
+        return True
+    return (
+        isinstance(getattr(module, "in_features", None), int)
+        and isinstance(getattr(module, "out_features", None), int)
+        and getattr(module, "weight", None) is not None
+        and not isinstance(module, torch.nn.modules.conv._ConvNd)
+    )
+
+
+def check_finite(lora_sd: dict[str, torch.Tensor], name: str) -> None:
+    """Refuse NaN, inf and overflowing values (they would sample a black image without an error)."""
+    for key, t in lora_sd.items():
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.numel() == 0 or t.is_meta:
+            continue
+        t = t.detach()
+        if not bool(torch.isfinite(t).all()):
+            raise GlanceError(
+                f"LoRA {name!r}: tensor {key!r} contains NaN or inf values; the file is broken (a diverged training "
+                f"or a bad conversion). Re-export or retrain it, or pick another file."
+            )
+        peak = float(t.abs().max())
+        if peak > MAX_ABS_VALUE:
+            raise GlanceError(
+                f"LoRA {name!r}: tensor {key!r} holds a value of magnitude {peak:.3g}, above {MAX_ABS_VALUE:g} (it "
+                f"overflows half-precision sampling). The file is broken: re-export or retrain it, or pick another."
+            )
+
+
 def is_flux(model) -> bool:
     import comfy.model_base
 
@@ -129,12 +208,14 @@ def is_flux(model) -> bool:
 def parse_lora(model_patcher, lora_sd: dict[str, torch.Tensor], name: str) -> dict:
     """ComfyUI's patch dict for ``lora_sd`` on this model (its own key maps and weight adapters).
 
-    Raises GlanceError naming ``name`` and the count when keys match no layer: a LoRA loaded in part
-    silently changes its effect.
+    Raises GlanceError naming ``name`` (and the key) for NaN/inf/overflowing values, when keys match
+    no layer (a LoRA loaded in part silently changes its effect), and when a patch on a Linear layer
+    does not fit it (ComfyUI would log it and leave the weight unchanged).
     """
     import comfy.lora
     import comfy.lora_convert
 
+    check_finite(lora_sd, name)
     base_model = model_patcher.model
     key_map = comfy.lora.model_lora_keys_unet(base_model, {})
     sd = _RecordingDict(comfy.lora_convert.convert_lora(dict(lora_sd)))
@@ -158,7 +239,54 @@ def parse_lora(model_patcher, lora_sd: dict[str, torch.Tensor], name: str) -> di
         log.info(
             "Glance: %s has %d text-encoder keys; this loader patches the diffusion model only.", name, len(ignored_te)
         )
+    for key, patch in patches.items():
+        weight_key, offset = (key, None) if isinstance(key, str) else (key[0], key[1] if len(key) > 1 else None)
+        _, module, param = _module_of(base_model, weight_key)
+        if is_linear(module):
+            _check_fit(patch, name, weight_key, param, module, offset)
     return patches
+
+
+def _patch_tensors(patch) -> list[torch.Tensor]:
+    """The tensors of one ComfyUI patch (an adapter object or a ("diff"/"set", (tensors…)) tuple)."""
+    weights = getattr(patch, "weights", None)
+    if weights is None and isinstance(patch, tuple) and len(patch) == 2 and isinstance(patch[1], (tuple, list)):
+        weights = patch[1]
+    return [t for t in (weights or ()) if isinstance(t, torch.Tensor)]
+
+
+def _check_fit(patch, name: str, weight_key: str, param: str, module: torch.nn.Module, offset) -> None:
+    """Raise a GlanceError when a patch cannot apply to this layer (ComfyUI would log it and skip it)."""
+    import comfy.weight_adapter
+
+    rows = offset[2] if offset is not None else module.out_features
+    need = (rows, module.in_features) if param == "weight" else (rows,)
+    fix = "It was made for another model (or size): pick the LoRA made for this model."
+    if isinstance(patch, comfy.weight_adapter.LoRAAdapter):
+        up, down, _alpha, mid = patch.weights[:4]
+        if up.ndim < 2 or down.ndim < 2:
+            raise GlanceError(
+                f"LoRA {name!r} does not fit {weight_key}: its factors have shapes {list(up.shape)} and "
+                f"{list(down.shape)}; LoRA factors must be matrices. The file is broken or not a LoRA: pick another."
+            )
+        if mid is None and up.shape[1] != down.shape[0]:
+            raise GlanceError(
+                f"LoRA {name!r} on {weight_key}: its up factor {list(up.shape)} has rank {up.shape[1]} but its down "
+                f"factor {list(down.shape)} has rank {down.shape[0]}; both must have the same rank. The file is "
+                f"broken: re-export it, or pick another."
+            )
+        if param == "weight" and down.ndim == 2 and (up.shape[0] != rows or down.shape[1] != module.in_features):
+            raise GlanceError(
+                f"LoRA {name!r} does not fit {weight_key}: its factors give a [{up.shape[0]}, {down.shape[1]}] "
+                f"delta, the layer needs [{rows}, {module.in_features}]. {fix}"
+            )
+    elif isinstance(patch, tuple) and patch and patch[0] in ("diff", "set"):
+        t = _patch_tensors(patch)
+        if t and tuple(t[0].shape) != need:
+            raise GlanceError(
+                f"LoRA {name!r} does not fit {weight_key}: its {patch[0]} tensor is {list(t[0].shape)}, the layer "
+                f"needs {list(need)}. {fix}"
+            )
 
 
 def build_expert(
@@ -166,65 +294,82 @@ def build_expert(
 ) -> Expert:
     """Parse ``lora_sd`` with ComfyUI's key maps for ``model_patcher``'s model into forward-time deltas.
 
-    Raises GlanceError naming ``name`` when keys match no layer, or when a patch targets
-    something that is not a Linear layer.
+    Raises GlanceError naming ``name`` (and the key) for non-finite values, keys that match no
+    layer, patches that do not fit their layer or target something that is not a Linear layer,
+    and dense adapters past ``MAX_DENSE_BYTES``. Everything is checked before any delta is computed.
     """
     import comfy.lora
 
+    if not math.isfinite(strength):
+        raise GlanceError(f"LoRA {name!r}: strength must be a finite number (got {strength}).")
     base_model = model_patcher.model
     patches = parse_lora(model_patcher, lora_sd, name)
 
-    # Group patches by Linear module: low-rank pieces and dense pieces.
+    # Group patches by Linear module: low-rank pieces and dense pieces (parse_lora checked every fit).
     grouped: dict[str, list[tuple]] = {}
+    dense_bytes: dict[str, int] = {}
     for key, patch in patches.items():
         weight_key, offset, function = (key, None, None) if isinstance(key, str) else (tuple(key) + (None, None))[:3]
         module_name, module, param = _module_of(base_model, weight_key)
-        if not isinstance(module, torch.nn.Linear):
+        if not is_linear(module):
             raise GlanceError(
                 f"LoRA {name!r} patches {weight_key} ({type(module).__name__}); the phase-aware loader applies LoRAs "
                 f"to Linear layers only. Use LoraLoaderModelOnly for this file."
             )
-        grouped.setdefault(module_name, []).append((param, weight_key, offset, function, patch))
+        lowrank = _as_lowrank(patch, offset, function, param)
+        if lowrank is None:
+            dense_bytes[module_name] = module.out_features * (module.in_features + 1) * 4
+        grouped.setdefault(module_name, []).append((param, weight_key, offset, function, patch, lowrank))
+    total_dense = sum(dense_bytes.values())
+    if total_dense > MAX_DENSE_BYTES:
+        raise GlanceError(
+            f"LoRA {name!r}: {len(dense_bytes)} layers use adapters that are not plain low-rank pairs (LoHa, LoKr, "
+            f"DoRA, full diffs); kept as dense weight deltas they would take {total_dense / 2**20:.1f} MiB, more "
+            f"than the {MAX_DENSE_BYTES / 2**20:.0f} MiB this loader allows per expert. Load this file with "
+            f"LoraLoaderModelOnly (ComfyUI merges it into the weights), or convert it to a plain LoRA."
+        )
 
     deltas: dict[str, ModuleDelta] = {}
     for module_name, items in grouped.items():
         module = base_model.get_submodule(module_name)
-        out_features = module.weight.shape[0]
-        low: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (row offset, down, scaled up)
+        out_features = module.out_features
+        low: list[tuple[int, torch.Tensor, torch.Tensor, float]] = []  # (row offset, down, up, scale)
         dense = torch.zeros(0)
         bias = torch.zeros(0)
-        for param, weight_key, offset, function, patch in items:
-            lowrank = _as_lowrank(patch, offset, function, param)
+        for param, weight_key, offset, function, patch, lowrank in items:
             if lowrank is not None:
-                row, down, up = lowrank
-                rows = offset[2] if offset is not None else out_features
-                if down.shape[1] != module.in_features or up.shape[0] != rows:
-                    raise GlanceError(
-                        f"LoRA {name!r} does not fit {weight_key}: its factors give a [{up.shape[0]}, {down.shape[1]}] "
-                        f"delta, the layer needs [{rows}, {module.in_features}]. It was made for another model size."
-                    )
-                low.append((row, down, up * strength))
+                row, down, up, scale = lowrank
+                low.append((row, down, up, scale * strength))
                 continue
-            base = getattr(module, param).detach().to("cpu", torch.float32)
+            base = getattr(module, param)
+            if param == "weight" and hasattr(module, "convert_weight"):
+                base = module.convert_weight(base)  # quantized checkpoints: the dequantized weight
+            base = base.detach().to("cpu", torch.float32)
             patched = comfy.lora.calculate_weight([(strength, patch, 1.0, offset, function)], base.clone(), weight_key)
             diff = patched.to(torch.float32) - base
+            if not bool(diff.any()) and any(bool(t.any()) for t in _patch_tensors(patch)):
+                # ComfyUI logs a patch it cannot apply and returns the weight unchanged.
+                raise GlanceError(
+                    f"LoRA {name!r} does not fit {weight_key} (layer {list(base.shape)}): ComfyUI could not apply its "
+                    f"{type(patch).__name__ if not isinstance(patch, tuple) else patch[0]} patch (see its log for the "
+                    f"shapes). It was made for another model (or size): pick the LoRA made for this model."
+                )
+            if not bool(torch.isfinite(diff).all()):
+                raise GlanceError(
+                    f"LoRA {name!r}: the delta it gives {weight_key} is not finite (overflow at strength {strength}). "
+                    f"Lower the strength or pick another file."
+                )
             if param == "weight":
                 dense = diff if dense.numel() == 0 else dense + diff
             else:
                 bias = diff if bias.numel() == 0 else bias + diff
-        rows = [(r, u.shape[0]) for r, _, u in low]
+        rows = [(r, u.shape[0]) for r, _, u, _ in low]
         lo = min([r for r, _ in rows], default=0)
         hi = max([r + n for r, n in rows], default=0)
         if dense.numel() or bias.numel():
             lo, hi = 0, out_features
         d = ModuleDelta(row_start=lo, rows=hi - lo)
-        if low:
-            d.down = torch.cat([dn for _, dn, _ in low], dim=0)
-            d.up = torch.zeros(hi - lo, d.down.shape[0])
-            col = 0
-            for r, dn, up in low:
-                d.up[r - lo : r - lo + up.shape[0], col : col + dn.shape[0]] = up
-                col += dn.shape[0]
+        d.parts = [(r - lo, dn, up, scale) for r, dn, up, scale in low]
         if dense.numel():
             d.dense = dense
         if bias.numel():
@@ -233,8 +378,8 @@ def build_expert(
     return Expert(name=name, strength=strength, deltas=deltas, patched_keys=len(patches), metadata=dict(metadata or {}))
 
 
-def _as_lowrank(patch, offset, function, param: str) -> tuple[int, torch.Tensor, torch.Tensor] | None:
-    """(first output row, A [r, in], B·alpha/r [rows, r]) for a plain LoRA patch, else None."""
+def _as_lowrank(patch, offset, function, param: str) -> tuple[int, torch.Tensor, torch.Tensor, float] | None:
+    """(first output row, A [r, in], B [rows, r], alpha/r) for a plain LoRA patch, else None."""
     import comfy.weight_adapter
 
     if param != "weight" or function is not None or not isinstance(patch, comfy.weight_adapter.LoRAAdapter):
@@ -248,7 +393,9 @@ def _as_lowrank(patch, offset, function, param: str) -> tuple[int, torch.Tensor,
         if dim != 0 or length != up.shape[0]:
             return None
     scale = 1.0 if alpha is None else float(alpha) / down.shape[0]
-    return row, down.detach().to(torch.float32), up.detach().to(torch.float32) * scale
+    if not math.isfinite(scale):
+        raise GlanceError(f"LoRA alpha {alpha} gives a non-finite scale; the file is broken: pick another file.")
+    return row, down.detach(), up.detach(), scale
 
 
 class PhaseLoRA:
@@ -264,6 +411,8 @@ class PhaseLoRA:
         self.active: Expert | None = None
         self.counts = {"slow": 0, "fast": 0}
         self._handles: list = []
+        self._model = None
+        self._dynamic = False
         modules = set(slow.deltas if slow else ()) | set(fast.deltas if fast else ())
         self.modules = sorted(modules)
 
@@ -271,6 +420,8 @@ class PhaseLoRA:
     def inject(self, patcher) -> None:
         self.eject(patcher)
         model = patcher.model
+        self._model = model
+        self._dynamic = bool(getattr(patcher, "is_dynamic", lambda: False)())
         for name in self.modules:
             self._handles.append(model.get_submodule(name).register_forward_hook(self._hook_for(name)))
 
@@ -278,6 +429,26 @@ class PhaseLoRA:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._model = None
+        self.release()
+
+    def release(self) -> None:
+        """Free every device copy of both experts."""
+        for expert in (self.slow, self.fast):
+            for d in expert.deltas.values() if expert else ():
+                d.release()
+
+    def cached_bytes(self) -> int:
+        return sum(d.cached_bytes() for e in (self.slow, self.fast) if e for d in e.deltas.values())
+
+    def device_bytes(self, element_size: int) -> int:
+        """What both experts' device copies take at ``element_size`` bytes per value."""
+        return sum(d.device_bytes(element_size) for e in (self.slow, self.fast) if e for d in e.deltas.values())
+
+    def _keep_on_device(self) -> bool:
+        # Cache only while ComfyUI holds the whole model on the device; offloaded models copy per call.
+        model = self._model
+        return not self._dynamic and model is not None and not getattr(model, "model_lowvram", False)
 
     def _hook_for(self, name: str):
         def hook(module, args, out):
@@ -287,7 +458,10 @@ class PhaseLoRA:
             delta = expert.deltas.get(name)
             if delta is None:
                 return None
-            return delta.add_to(args[0], out)
+            keep = self._keep_on_device()
+            if not keep and delta._cache:
+                delta.release()
+            return delta.add_to(args[0], out, keep)
 
         return hook
 
@@ -334,10 +508,21 @@ def apply_phase_lora(model_patcher, slow: Expert | None, fast: Expert | None, bo
     m = model_patcher.clone()
     if phase.modules:
         m.set_injections(key, [pe.PatcherInjection(inject=phase.inject, eject=phase.eject)])
+        # ComfyUI sizes what it frees before loading by model_size(): count the experts' device copies.
+        m.size = m.model_size() + phase.device_bytes(compute_element_size(m))
     m.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, key, phase.apply_model_wrapper)
     m.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, key, phase.outer_sample_wrapper)
     m.set_attachments(key, phase)
     return m
+
+
+def compute_element_size(model_patcher) -> int:
+    """Bytes per value of the dtype the model computes in (its manual-cast dtype for fp8/quantized weights)."""
+    model = model_patcher.model
+    dtype = getattr(model, "manual_cast_dtype", None) or model.get_dtype()
+    if not dtype.is_floating_point or dtype.itemsize < 2:
+        dtype = torch.float32
+    return torch.empty(0, dtype=dtype).element_size()
 
 
 def phase_loras(model_patcher) -> list[PhaseLoRA]:

@@ -20,9 +20,11 @@ class QwenNormCFG(io.ComfyNode):
             display_name="Glance Qwen Norm-Rescaled CFG",
             category=CATEGORY,
             description=(
-                "Qwen-Image's official 'true CFG': after classifier-free guidance each 2×2 latent patch is rescaled to "
-                "the norm of the conditional prediction. Use it with CFGGuider (cfg 5 and negative prompt ' ' in the "
-                "official Glance Qwen pipeline) to match official outputs. No effect at cfg 1."
+                "The official Qwen-Image pipeline's true-CFG combination: classifier-free guidance, then each packed "
+                "2×2 latent token rescaled to the norm of the conditional prediction. The official Glance Qwen "
+                "pipeline uses it with cfg 5 and negative prompt ' ' (set those in CFGGuider); this node reproduces "
+                "the combination only, not the rest of the diffusers pipeline. Any latent size: at odd sizes the "
+                "edge tokens are normed over their visible values. No effect at cfg 1."
             ),
             inputs=[io.Model.Input("model", tooltip="A Qwen-Image model (or any flow model with 2×2 patches).")],
             outputs=[io.Model.Output(tooltip="The model with norm-rescaled CFG.")],

@@ -131,7 +131,16 @@ def test_bad_input_fails_with_a_clear_message_and_server_keeps_serving(server, o
         "match no layer",
     )
     _fails_naming(server, with_loader(fast_lora="no_such_lora.safetensors"), "no_such_lora.safetensors")
-    _fails_naming(server, with_loader(boundary_sigma=-1.0), "boundary_sigma")
+    _fails_naming(server, with_loader(boundary_sigma=-2.0), "boundary_sigma")  # -1 is auto
+    # A LoRA file with a NaN value: refused by name before sampling, not a black image.
+    from devtools import tiny_models
+
+    sd = tiny_models.glance_lora("flux", 1)
+    key = next(iter(sorted(sd)))
+    sd[key] = sd[key].clone()
+    sd[key][0, 0] = float("nan")
+    tiny_models.save_lora(server.base / "models" / "loras" / "nan_slow.safetensors", sd)
+    _fails_naming(server, with_loader(slow_lora="nan_slow.safetensors"), "nan_slow.safetensors", key, "NaN")
     assert server.run(_api("glance_flux_10step", object_info))["status"]["status_str"] == "success"
 
 
