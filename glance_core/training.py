@@ -146,7 +146,7 @@ class TrainableLoRA:
     where ComfyUI runs the layers.
     """
 
-    def __init__(self, model_patcher, targets: str, rank: int, alpha: float, generator: torch.Generator):
+    def __init__(self, model_patcher, targets: str, rank: int, alpha: float, generator: torch.Generator | None):
         import comfy.lora
 
         arch = architecture(model_patcher)
@@ -170,7 +170,7 @@ class TrainableLoRA:
                 skipped.append(f"{module_name} ({type(module).__module__}.{type(module).__qualname__})")
                 continue
             row, rows = (offset[1], offset[2]) if offset else (0, module.out_features)
-            a = (torch.randn(rank, module.in_features, generator=generator) / rank).to(device)
+            a = random_normal((rank, module.in_features), generator, device) / rank
             b = torch.zeros(rows, rank, device=device)
             self.targets.append(
                 _Target(
@@ -423,29 +423,43 @@ def block_patches(model_patcher, params: list[torch.Tensor]) -> None:
             model_patcher.set_model_patch_replace(_checkpoint_patch(params, block), "dit", kind, i)
 
 
-def _draw(n: int, batch: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
-    """``min(batch, n)`` random indices below ``n`` from the CPU generator, on ``device`` (where they index)."""
-    return torch.randint(n, (min(batch, n),), generator=gen).to(device)
+def _on_generator(gen: torch.Generator | None, device) -> bool:
+    return gen is None or gen.device.type == torch.device(device).type
+
+
+def random_normal(shape: tuple[int, ...], gen: torch.Generator | None, device) -> torch.Tensor:
+    """N(0, 1) values on ``device``: drawn where the generator lives, then moved. A CPU generator gives the same
+    values on every device (as ComfyUI's own noise); ``None`` draws on ``device`` with its default generator."""
+    if _on_generator(gen, device):
+        return torch.randn(shape, generator=gen, device=device)
+    return torch.randn(shape, generator=gen, device=gen.device).to(device)
+
+
+def _draw(n: int, batch: int, gen: torch.Generator | None, device) -> torch.Tensor:
+    """``min(batch, n)`` random indices below ``n`` on ``device`` (where they index); see :func:`random_normal`."""
+    if _on_generator(gen, device):
+        return torch.randint(n, (min(batch, n),), generator=gen, device=device)
+    return torch.randint(n, (min(batch, n),), generator=gen, device=gen.device).to(device)
 
 
 def official_pair(
-    latent: torch.Tensor, sigma: float, batch: int, gen: torch.Generator
+    latent: torch.Tensor, sigma: float, batch: int, gen: torch.Generator | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The official objective's input x_σ = (1−σ)·x0 + σ·ε and target ε − x0 for ``batch`` noises, in fp32 on
     the latent's device. ε comes from the CPU generator, so a seed gives the same run on any device."""
     x = latent.repeat(batch, *([1] * (latent.ndim - 1))).to(torch.float32)
-    eps = torch.randn(x.shape, generator=gen).to(x.device)
+    eps = random_normal(x.shape, gen, x.device)
     return (1.0 - sigma) * x + sigma * eps, eps - x
 
 
 def trajectory_pair(
-    states: dict[float, torch.Tensor], s0: float, s1: float, batch: int, gen: torch.Generator
+    states: dict[float, torch.Tensor], s0: float, s1: float, batch: int, gen: torch.Generator | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher states at ``s0`` and the average velocity to ``s1`` (the trajectory target), on the states'
     device."""
     idx = _draw(states[s0].shape[0], batch, gen, states[s0].device)
-    x = states[s0][idx]
-    return x, (x - states[s1][idx]) / (s0 - s1)
+    x = states[s0].index_select(0, idx)
+    return x, (x - states[s1].index_select(0, idx)) / (s0 - s1)
 
 
 @outside_inference_mode(grad=True)
@@ -545,7 +559,7 @@ def train_expert(
         if own is not None and float(torch.rand((), generator=gen)) < student_mix:
             states, targets = own  # the student's own states, with the teacher's average velocity from there
             idx = _draw(states.shape[0], batch, gen, states.device)
-            x, target = states[idx], targets[idx]
+            x, target = states.index_select(0, idx), targets.index_select(0, idx)
         else:
             x, target = trajectory_pair(data["states"], s0, s1, batch, gen)
         v = velocity(model_wrap, extra_args, x, s0)
