@@ -144,6 +144,18 @@ def test_training_step_hot_path_stays_on_a_cuda_load_device(comfy_nodes, tiny, t
         assert {t.device.type for t in (xt, target, xs, ts, loss)} == {"cuda"}
 
 
+def test_shared_base_model_is_never_mutated(comfy_nodes, tiny, flux, photo):
+    """Every clone of a loaded model shares its modules: training must leave the very same weight objects in
+    place (ComfyUI's loaders, offloading and patch backups hold on to them), with the same values."""
+    model, vae = flux
+    before = {k: (v, v.is_inference(), v.detach().clone()) for k, v in model.model.named_parameters()}
+    train(comfy_nodes, model, tiny.conditioning("flux", 1), image=photo, vae=vae, steps=2)
+    after = dict(model.model.named_parameters())
+    assert after.keys() == before.keys()
+    for k, (obj, inference, value) in before.items():
+        assert after[k] is obj and obj.is_inference() == inference and torch.equal(obj, value), k
+
+
 def test_same_noise_from_a_seed_on_every_device(training):
     """A CPU generator draws the same noise wherever the tensor goes (a seed = the same LoRA on CPU and GPU)."""
     a = training.random_normal((2, 3), torch.Generator().manual_seed(5), "cpu")
