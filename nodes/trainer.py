@@ -90,6 +90,10 @@ def _prepare_image(image: torch.Tensor, resolution: int) -> tuple[torch.Tensor, 
             f"The image has {channels} channel(s); the trainer needs RGB. Convert the greyscale image "
             f"to RGB first (LoadImage does)."
         )
+    if not torch.isfinite(image).all():
+        raise GlanceError(
+            "The image contains NaN or infinite pixel values (a broken upstream node or file): fix or replace it."
+        )
     h, w = image.shape[1], image.shape[2]
     if min(h, w) < 64:
         raise GlanceError(f"The image is {w}×{h} px: too small to learn from (at least 64 px per side).")

@@ -222,6 +222,61 @@ def test_mixed_precision_linear_layers_are_trained(comfy_nodes, tiny, photo, flu
     assert all(torch.isfinite(v).all() for v in res.state_dict.values()) and all(map(np.isfinite, res.losses))
 
 
+def test_a_partially_loaded_model_trains_like_a_fully_loaded_one(comfy_nodes, tiny, training):
+    """Low VRAM: ComfyUI loads only part of the model and casts the other layers' weights per call
+    (``comfy_cast_weights``). A training step's loss and LoRA gradients on such a model equal those on the fully
+    loaded one, and the base model is unchanged after unloading. (CPU runs never partially load on their own, so
+    the student clone is loaded with a 1-byte budget the way ComfyUI's loader does on a small GPU.)"""
+    import comfy.patcher_extension as pe
+
+    with torch.inference_mode():
+        model = tiny.build("flux", 0)
+    state = _state(model)
+    cond = tiny.conditioning("flux", 1)
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(1, 16, 8, 8, generator=gen)
+    xt, target = training.official_pair(x0, 0.7, 2, gen)
+
+    def step(budget: int | None):
+        lora = training.TrainableLoRA(model, "official", 2, 2.0, torch.Generator().manual_seed(1))
+        for t in lora.targets:
+            t.B.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(2))
+        student = model.clone()
+        student.set_injections("t", [pe.PatcherInjection(inject=lora.inject, eject=lora.eject)])
+        training.block_patches(student, lora.parameters())
+        with torch.inference_mode(False), training.training_mode():
+            if budget is None:
+                student.load(student.load_device, full_load=True)
+            else:
+                student.load(student.load_device, lowvram_model_memory=budget)
+            lowvram = [m for m in student.model.modules() if getattr(m, "comfy_cast_weights", False)]
+            lora.inject(student)
+            lora.enabled = True
+            try:
+                dm_opts = student.model_options["transformer_options"]
+                sigma = torch.full((2,), 0.7)
+                c = {"c_crossattn": cond[0][0].repeat(2, 1, 1), "y": cond[0][1]["pooled_output"].repeat(2, 1)}
+                with training.normal_weights(training._outside_blocks(student.model.diffusion_model)):
+                    den = student.model.apply_model(
+                        xt, sigma, guidance=torch.full((2,), 1.0), transformer_options=dm_opts, **c
+                    )
+                    loss = torch.nn.functional.mse_loss(((xt - den) / 0.7).float(), target)
+                    loss.backward()
+            finally:
+                lora.enabled = False
+                lora.eject()
+                student.unpatch_model(student.offload_device)
+        return float(loss.detach()), [t.A.grad.clone() for t in lora.targets], len(lowvram)
+
+    full_loss, full_grads, n_full = step(None)
+    part_loss, part_grads, n_low = step(1)
+    assert n_full == 0 and n_low > 10, (n_full, n_low)
+    assert part_loss == pytest.approx(full_loss, rel=1e-5)
+    for a, b in zip(full_grads, part_grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7) and float(a.abs().max()) > 0
+    assert all(torch.equal(v, state[k]) for k, v in _state(model).items())
+
+
 def test_vae_with_trainable_weights_does_not_tie_steps_together(comfy_nodes, tiny, photo):
     """A VAE built outside inference mode (a script, after another training node) has weights that require grad;
     the image latent is encoded without autograd, so every step backpropagates on its own graph."""
@@ -251,6 +306,7 @@ def test_bad_numbers_and_choices_are_named_before_any_work(comfy_nodes, tiny, fl
         (dict(objective="arcflow"), "objective 'arcflow' is not one of 'official', 'trajectory'"),
         (dict(target_layers="mlp"), "target_layers 'mlp' is not one of 'official', 'attention', 'all_linear'"),
         (dict(image=wide), "640×64 px: aspect ratios beyond 4:1"),
+        (dict(image=torch.where(photo > 0.5, float("nan"), photo)), "NaN or infinite pixel values"),
     ]
     for kw, msg in cases:
         args = dict(image=photo, vae=vae, save_name="never")
