@@ -191,22 +191,38 @@ def test_trains_on_fp8_weights_loaded_like_unetloader(comfy_nodes, tiny, flux, p
 def test_mixed_precision_linear_layers_are_trained(comfy_nodes, tiny, photo, flux, training):
     """ComfyUI's mixed-precision ops (quantized checkpoints) use a Linear class that is not torch.nn.Linear: its
     layers are LoRA targets like any other, not "no layer matches"."""
+    import json
+
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.ops
 
     plain = flux[0]
+    sd = tiny.state_dict("flux", 0)
+    # Releases that read per-layer quantization from the checkpoint (0.33): one fused qkv layer stored as fp8
+    # with a scale, as a mixed-precision checkpoint holds it.
+    per_layer_quant = hasattr(comfy.ops, "_load_quantized_module")
+    if per_layer_quant:
+        key = "double_blocks.0.img_attn.qkv"
+        scale = sd[key + ".weight"].abs().max() / 448.0
+        sd[key + ".weight"] = (sd[key + ".weight"] / scale).to(torch.float8_e4m3fn)
+        sd[key + ".weight_scale"] = scale.reshape(())
+        sd[key + ".comfy_quant"] = torch.tensor(
+            list(json.dumps({"format": "float8_e4m3fn"}).encode()), dtype=torch.uint8
+        )
     with torch.inference_mode():
         mc = tiny._config_class("flux")(tiny.runtime_config("flux"))
         mc.set_inference_dtype(torch.float32, None)
         mc.custom_operations = comfy.ops.mixed_precision_ops({}, torch.float32)
         m = mc.get_model({})
-        m.load_model_weights(tiny.state_dict("flux", 0), "")
+        m.load_model_weights(sd, "")
         model = comfy.model_patcher.ModelPatcher(
             m, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
         )
     qkv = model.model.diffusion_model.double_blocks[0].img_attn.qkv
     assert not isinstance(qkv, torch.nn.Linear)
+    if per_layer_quant:
+        assert type(qkv.weight).__name__ == "QuantizedTensor" or "Quantized" in type(qkv.weight.data).__name__
     lora = training.TrainableLoRA(model, "official", 2, 2.0, torch.Generator().manual_seed(0))
     expect = training.TrainableLoRA(plain, "official", 2, 2.0, torch.Generator().manual_seed(0))
     assert [t.name for t in lora.targets] == [t.name for t in expect.targets]
@@ -220,6 +236,7 @@ def test_mixed_precision_linear_layers_are_trained(comfy_nodes, tiny, photo, flu
     )  # fmt: skip
     assert res.state_dict.keys() == expect.state_dict().keys()
     assert all(torch.isfinite(v).all() for v in res.state_dict.values()) and all(map(np.isfinite, res.losses))
+    assert float(res.state_dict["transformer.transformer_blocks.0.attn.to_q.lora_B.weight"].abs().max()) > 0
 
 
 def test_a_partially_loaded_model_trains_like_a_fully_loaded_one(comfy_nodes, tiny, training):
