@@ -47,6 +47,13 @@ def check_choice(name: str, value, options: list[str]) -> None:
         raise GlanceError(f"{name} {value!r} is not one of {', '.join(map(repr, options))}: pick one of these.")
 
 
+def check_at_least(**values: tuple[int, int]) -> None:
+    """Integer inputs below their minimum (ComfyUI's server refuses them; a script or an older front end may not)."""
+    for name, (v, low) in values.items():
+        if v < low:
+            raise GlanceError(f"{name} is {v}: it must be at least {low}.")
+
+
 def check_finite(**values: float) -> None:
     """NaN passes ComfyUI's min/max check (every comparison with NaN is False); refuse it and ±inf by name."""
     for name, v in values.items():
@@ -325,6 +332,10 @@ class OneShotTrainer(io.ComfyNode):
         check_finite(
             learning_rate=learning_rate, alpha=alpha, boundary_sigma=boundary_sigma, cfg=cfg, student_mix=student_mix
         )
+        check_at_least(
+            steps=(steps, 1), rank=(rank, 0), batch=(batch, 1), resolution=(resolution, 32), noises=(noises, 1),
+            teacher_steps=(teacher_steps, 4),
+        )  # fmt: skip
         if learning_rate < 0 or alpha < 0:
             raise GlanceError("learning_rate and alpha cannot be negative (0 = the official value).")
         if not positive:

@@ -322,6 +322,8 @@ def test_bad_numbers_and_choices_are_named_before_any_work(comfy_nodes, tiny, fl
         (dict(expert="medium"), "expert 'medium' is not one of 'both', 'slow', 'fast'"),
         (dict(objective="arcflow"), "objective 'arcflow' is not one of 'official', 'trajectory'"),
         (dict(target_layers="mlp"), "target_layers 'mlp' is not one of 'official', 'attention', 'all_linear'"),
+        (dict(batch=0), "batch is 0: it must be at least 1"),
+        (dict(rank=-1), "rank is -1: it must be at least 0"),
         (dict(image=wide), "640×64 px: aspect ratios beyond 4:1"),
         (dict(image=torch.where(photo > 0.5, float("nan"), photo)), "NaN or infinite pixel values"),
     ]
