@@ -31,6 +31,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import time
 import types
 import uuid
@@ -725,8 +726,10 @@ def image_hash(image: torch.Tensor) -> str:
     return hashlib.sha256(image.detach().to(torch.float32).cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
-#: Temporary files of a save: hidden, with an extension no loader lists, in the folder of the final file (the
-#: rename is atomic there). A killed run's leftovers are removed by the next save planned in that folder.
+#: Temporary files of a save live in a hidden folder of their own next to the final file (the rename is atomic
+#: there): safetensors itself writes through a hidden ``.tmp*`` file in the folder it is given, so that one lands
+#: inside too. The file has an extension no loader lists. A killed run's leftovers are removed by the next save
+#: planned in that folder.
 TMP_PREFIX = ".glance-tmp-"
 _TMP_SUFFIX = ".part"
 #: This process's start (the pack is imported at server start): older temporary files belong to no live save.
@@ -816,26 +819,33 @@ def clean_stale_temporaries(folder: str) -> list[str]:
     except OSError:
         return removed
     for n in names:
-        if not (n.startswith(TMP_PREFIX) and n.endswith(_TMP_SUFFIX)):
+        if not n.startswith(TMP_PREFIX):
             continue
         p = os.path.join(folder, n)
         try:
-            if os.path.isfile(p) and os.path.getmtime(p) < _STARTED:
+            if os.path.getmtime(p) >= _STARTED:
+                continue
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p)
+            else:
                 os.remove(p)
-                removed.append(p)
-                log.info("Glance: removed %s, left by an interrupted save", p)
+            removed.append(p)
+            log.info("Glance: removed %s, left by an interrupted save", p)
         except OSError:
             pass
     return removed
 
 
 def _temp_path(path: str) -> str:
-    return os.path.join(os.path.dirname(path), f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}{_TMP_SUFFIX}")
+    """A fresh temporary file path for ``path``, inside its own hidden folder next to it."""
+    folder = os.path.join(os.path.dirname(path), f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}")
+    os.mkdir(folder)
+    return os.path.join(folder, "file" + _TMP_SUFFIX)
 
 
-def _remove(path: str) -> None:
-    with contextlib.suppress(OSError):
-        os.remove(path)
+def _remove(tmp: str) -> None:
+    """Remove a temporary file made by :func:`_temp_path` and its folder."""
+    shutil.rmtree(os.path.dirname(tmp), ignore_errors=True)
 
 
 def save_files_atomic(files: list[tuple[str, dict[str, torch.Tensor], dict[str, str]]], overwrite: bool) -> list[str]:
@@ -857,8 +867,10 @@ def save_files_atomic(files: list[tuple[str, dict[str, torch.Tensor], dict[str, 
 
     check_free()
     temps: list[str] = []
+    current = paths[0]
     try:
         for path, sd, meta in files:
+            current = path
             os.makedirs(os.path.dirname(path), exist_ok=True)
             temps.append(_temp_path(path))
             save_file(
@@ -871,8 +883,8 @@ def save_files_atomic(files: list[tuple[str, dict[str, torch.Tensor], dict[str, 
             _remove(t)
         if isinstance(e, OSError):
             raise GlanceError(
-                f"Could not write {files[len(temps) - 1][0]}: {e.strerror or e}. Free disk space or fix the folder's "
-                f"permissions. Nothing was written."
+                f"Could not write {current}: {e.strerror or e}. Free disk space or fix the folder's permissions. "
+                f"Nothing was written."
             ) from e
         raise
     placed: list[str] = []
@@ -887,10 +899,14 @@ def save_files_atomic(files: list[tuple[str, dict[str, torch.Tensor], dict[str, 
             placed.append(path)
     except BaseException as e:
         for p in placed:
-            _remove(p)
-        for p, b in backups.items():
             with contextlib.suppress(OSError):
+                os.remove(p)
+        for p, b in backups.items():
+            try:
                 os.replace(b, p)
+                _remove(b)
+            except OSError:
+                log.error("Glance: could not put %s back; the previous file is kept at %s", p, b)
         for t in temps:
             _remove(t)
         if isinstance(e, OSError):
@@ -899,8 +915,8 @@ def save_files_atomic(files: list[tuple[str, dict[str, torch.Tensor], dict[str, 
                 f"save that were already in place were removed, replaced ones restored)."
             ) from e
         raise
-    for b in backups.values():
-        _remove(b)
+    for t in [*temps, *backups.values()]:
+        _remove(t)
     return paths
 
 

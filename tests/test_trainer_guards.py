@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import threading
 import time
 
 import numpy as np
@@ -402,6 +403,26 @@ def test_pair_writes_are_all_or_nothing_and_leftovers_are_cleaned(comfy_nodes, t
     with pytest.raises(RuntimeError):
         training.save_files_atomic([(paths[0], a, {}), (paths[1], bad, {})], overwrite=False)
     assert not any(loras_dir.iterdir()), "neither file nor any temporary file stays"
+    # While a file is written, nothing but our temporary folder appears next to the targets.
+    seen: set[str] = set()
+    big = {"w": torch.randn(16, 1024, 1024)}
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            seen.update(os.listdir(loras_dir))
+            time.sleep(0.001)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        training.save_files_atomic([(str(loras_dir / "big.safetensors"), big, {})], overwrite=False)
+    finally:
+        done.set()
+        watcher.join()
+    assert seen - {"big.safetensors"} and all(n.startswith(training.TMP_PREFIX) for n in seen - {"big.safetensors"})
+    assert sorted(p.name for p in loras_dir.iterdir()) == ["big.safetensors"]
+    (loras_dir / "big.safetensors").unlink()
 
     # Overwrite replaces both; the old files come back if the set cannot be placed.
     training.save_files_atomic([(p, a, {"v": "1"}) for p in paths], overwrite=False)
@@ -413,16 +434,21 @@ def test_pair_writes_are_all_or_nothing_and_leftovers_are_cleaned(comfy_nodes, t
 
     # A killed run's temporaries (older than this process) go at the next save; a live one stays. No loader
     # lists them meanwhile.
-    stale = loras_dir / f"{training.TMP_PREFIX}999-dead.part"
-    live = loras_dir / f"{training.TMP_PREFIX}{os.getpid()}-live.part"
-    stale.write_bytes(b"x" * 1000)
-    live.write_bytes(b"y")
+    # safetensors itself writes through a hidden .tmp* file in the folder it is given: it lands in ours.
+    stale = loras_dir / f"{training.TMP_PREFIX}999-dead"
+    stale.mkdir()
+    (stale / ".tmpAbC123").write_bytes(b"x" * 1000)
+    stale_file = loras_dir / f"{training.TMP_PREFIX}998-dead.part"
+    stale_file.write_bytes(b"x")
+    live = loras_dir / f"{training.TMP_PREFIX}{os.getpid()}-live"
+    live.mkdir()
     old = training._STARTED - 3600
-    os.utime(stale, (old, old))
+    for p in (stale, stale_file):
+        os.utime(p, (old, old))
     folder_paths.filename_list_cache.pop("loras", None)
     assert not [n for n in folder_paths.get_filename_list("loras") if training.TMP_PREFIX in n]
     assert training.plan_save(str(loras_dir), "next", ["_slow", "_fast"], overwrite=False)
-    assert not stale.exists() and live.exists()
+    assert not stale.exists() and not stale_file.exists() and live.exists()
     assert time.time() >= training._STARTED
 
 
