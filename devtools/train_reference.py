@@ -146,6 +146,13 @@ def train(
     out: Path, steps: int, batch: int, seed: int, lr: float, log_every: int = 50, threads: int | None = None
 ) -> dict:
     comfy_env.import_comfy()
+    from glance_core.training import training_mode
+
+    with training_mode():  # ComfyUI's switch to autograd-capable kernels (RoPE) on releases that have it
+        return _train(out, steps, batch, seed, lr, log_every, threads)
+
+
+def _train(out: Path, steps: int, batch: int, seed: int, lr: float, log_every: int, threads: int | None) -> dict:
     from safetensors.torch import save_file
 
     from glance_core import reference_model as rm

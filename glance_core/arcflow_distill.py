@@ -63,6 +63,7 @@ def initial_heads(model_patcher, k: int, gen: torch.Generator) -> dict[str, torc
 
 
 @training.outside_inference_mode(grad=None)
+@training.training_mode()
 def distill(
     model_patcher,
     captions: list[tuple[list, list | None]],
@@ -89,7 +90,6 @@ def distill(
     if k < 2:
         raise GlanceError(f"ArcFlow needs at least 2 momentum components (got K = {k}).")
     gen = torch.Generator().manual_seed(seed)
-    training._normal_weights(model_patcher.model)
     student = model_patcher.clone()
     lora = training.TrainableLoRA(model_patcher, targets, rank, float(rank), gen)
     student.set_injections(f"arcflow_lora_{seed}", [pe.PatcherInjection(inject=lora.inject, eject=lora.eject)])

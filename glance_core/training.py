@@ -31,7 +31,8 @@ import logging
 import math
 import os
 import re
-import tempfile
+import shutil
+import time
 import types
 import uuid
 from collections.abc import Callable
@@ -84,6 +85,36 @@ def outside_inference_mode(grad: bool | None):
     return deco
 
 
+@contextlib.contextmanager
+def training_mode():
+    """ComfyUI's own "a trainer is running" switch, set for the duration and restored on exit, error and Stop.
+
+    Releases that have ``comfy.model_management.in_training`` (core's trainer sets it) route attention, RoPE
+    and quantized matmuls through autograd-capable code only while it is True; older releases lack the flag
+    and need nothing. The previous value is restored, so nesting and a concurrent reader see the truth."""
+    import comfy.model_management as mm
+
+    if not hasattr(mm, "in_training"):
+        yield
+        return
+    previous = mm.in_training
+    mm.in_training = True
+    try:
+        yield
+    finally:
+        mm.in_training = previous
+
+
+def _linear_like(module: torch.nn.Module) -> bool:
+    """A Linear layer in any of ComfyUI's op classes: ``torch.nn.Linear`` subclasses and the mixed-precision /
+    quantized ``Linear`` of newer releases, which is a plain ``Module`` with the same features and ``weight``."""
+    if isinstance(module, torch.nn.Linear):
+        return True
+    return all(isinstance(getattr(module, a, None), int) for a in ("in_features", "out_features")) and (
+        getattr(module, "weight", None) is not None
+    )
+
+
 def architecture(model_patcher) -> str:
     import comfy.model_base
 
@@ -111,10 +142,12 @@ class _Target:
 class TrainableLoRA:
     """LoRA factors on the model's Linear layers, trained in fp32 and applied by forward hooks.
 
-    Initialisation as PEFT's ``gaussian``: A ~ N(0, 1/rank), B = 0 (the model starts unchanged).
+    Initialisation as PEFT's ``gaussian``: A ~ N(0, 1/rank), B = 0 (the model starts unchanged). The factors
+    are drawn on the CPU generator (same seed → same LoRA on any device) and live on the model's load device,
+    where ComfyUI runs the layers.
     """
 
-    def __init__(self, model_patcher, targets: str, rank: int, alpha: float, generator: torch.Generator):
+    def __init__(self, model_patcher, targets: str, rank: int, alpha: float, generator: torch.Generator | None):
         import comfy.lora
 
         arch = architecture(model_patcher)
@@ -123,8 +156,10 @@ class TrainableLoRA:
             raise GlanceError(f"Unknown target layers {targets!r}; choose one of {sorted(TARGETS[arch])}.")
         key_map = comfy.lora.model_lora_keys_unet(model_patcher.model, {})
         model = model_patcher.model
+        device = model_patcher.load_device
         self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
         self.targets: list[_Target] = []
+        skipped: list[str] = []
         for key in sorted(key_map):
             if not key.startswith("transformer.") or not re.fullmatch(pattern, key[len("transformer.") :]):
                 continue
@@ -132,17 +167,23 @@ class TrainableLoRA:
             weight_key, offset = (target, None) if isinstance(target, str) else (target[0], target[1])
             module_name = weight_key.rpartition(".")[0]
             module = model.get_submodule(module_name)
-            if not isinstance(module, torch.nn.Linear):
+            if not _linear_like(module):
+                skipped.append(f"{module_name} ({type(module).__module__}.{type(module).__qualname__})")
                 continue
             row, rows = (offset[1], offset[2]) if offset else (0, module.out_features)
-            a = torch.randn(rank, module.in_features, generator=generator) / rank
-            b = torch.zeros(rows, rank)
+            a = random_normal((rank, module.in_features), generator, device) / rank
+            b = torch.zeros(rows, rank, device=device)
             self.targets.append(
                 _Target(
                     key[len("transformer.") :], module_name, row, rows, a.requires_grad_(True), b.requires_grad_(True)
                 )
             )
         if not self.targets:
+            if skipped:
+                raise GlanceError(
+                    f"The {targets!r} target layers of this model are not Linear layers the trainer can hook "
+                    f"(e.g. {skipped[0]}). Load the model with a standard weight_dtype in the diffusion model loader."
+                )
             raise GlanceError(f"No layer of this model matches the {targets!r} target preset.")
         self.by_module: dict[str, list[_Target]] = {}
         for t in self.targets:
@@ -189,8 +230,11 @@ class TrainableLoRA:
         """diffusers/PEFT layout with alpha/rank folded into lora_B (strength 1.0 = as trained)."""
         sd = {}
         for t in self.targets:
-            sd[f"transformer.{t.name}.lora_A.weight"] = t.A.detach().to(torch.float32).clone().contiguous()
-            sd[f"transformer.{t.name}.lora_B.weight"] = (t.B.detach() * self.scale).to(torch.float32).contiguous()
+            # On the CPU, like a LoRA file ComfyUI loads: the outputs are saved and wired to loaders.
+            sd[f"transformer.{t.name}.lora_A.weight"] = t.A.detach().to("cpu", torch.float32, copy=True).contiguous()
+            sd[f"transformer.{t.name}.lora_B.weight"] = (
+                (t.B.detach() * self.scale).to("cpu", torch.float32).contiguous()
+            )
         return sd
 
 
@@ -213,9 +257,9 @@ class _BlockCheckpoint(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, run, names, n_inputs, *tensors):
+    def forward(ctx, run, block, names, n_inputs, *tensors):
         inputs = tensors[:n_inputs]
-        ctx.run, ctx.names, ctx.n_inputs = run, names, n_inputs
+        ctx.run, ctx.block, ctx.names, ctx.n_inputs = run, block, names, n_inputs
         ctx.save_for_backward(*inputs)
         ctx.params = tensors[n_inputs:]
         with torch.no_grad():
@@ -226,18 +270,19 @@ class _BlockCheckpoint(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         inputs = [t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors]
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_copy, _same):
-            out = ctx.run({k: t.clone() for k, t in zip(ctx.names, inputs)})
-        pairs = [(out[k], g) for k, g in zip(ctx.out_keys, grads) if g is not None and out[k].requires_grad]
-        wrt = [t for t in inputs if t.requires_grad] + [p for p in ctx.params]
-        got = (
-            torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
-            if pairs
-            else [None] * len(wrt)
-        )
+        with normal_weights(ctx.block.modules() if ctx.block is not None else []):
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_copy, _same):
+                out = ctx.run({k: t.clone() for k, t in zip(ctx.names, inputs)})
+            pairs = [(out[k], g) for k, g in zip(ctx.out_keys, grads) if g is not None and out[k].requires_grad]
+            wrt = [t for t in inputs if t.requires_grad] + [p for p in ctx.params]
+            got = (
+                torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
+                if pairs
+                else [None] * len(wrt)
+            )
         got = list(got)
         input_grads = [got.pop(0) if t.requires_grad else None for t in inputs]
-        return (None, None, None, *input_grads, *got)
+        return (None, None, None, None, *input_grads, *got)
 
 
 def _frozen(fn: Callable) -> Callable:
@@ -254,8 +299,9 @@ def _frozen(fn: Callable) -> Callable:
     return types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, tuple(cells))
 
 
-def _checkpoint_patch(params: list[torch.Tensor]) -> Callable:
-    """A ``dit`` block-replace patch that runs the original block through :class:`_BlockCheckpoint`."""
+def _checkpoint_patch(params: list[torch.Tensor], block: torch.nn.Module | None = None) -> Callable:
+    """A ``dit`` block-replace patch that runs the original block through :class:`_BlockCheckpoint`; ``block``
+    is the module whose weights are swapped for normal tensors while it is recomputed with gradients."""
 
     def patch(args: dict, extra: dict) -> dict:
         names = [k for k, v in args.items() if isinstance(v, torch.Tensor)]
@@ -268,7 +314,7 @@ def _checkpoint_patch(params: list[torch.Tensor]) -> Callable:
             keys[:] = list(out)
             return out
 
-        outs = _BlockCheckpoint.apply(run, names, len(names), *[args[k] for k in names], *params)
+        outs = _BlockCheckpoint.apply(run, block, names, len(names), *[args[k] for k in names], *params)
         return dict(zip(keys, outs))
 
     return patch
@@ -312,7 +358,11 @@ class _OneStep:
                 denoise_mask=None,
                 disable_pbar=False,
             ):
-                return fn(model_wrap, extra_args, latent_image)
+                if not torch.is_grad_enabled():
+                    return fn(model_wrap, extra_args, latent_image)
+                # The blocks swap their own weights while backward recomputes them (block checkpoint).
+                with normal_weights(_outside_blocks(model_wrap.inner_model.diffusion_model)):
+                    return fn(model_wrap, extra_args, latent_image)
 
         self.sampler = _Sampler()
 
@@ -326,34 +376,95 @@ def clone_conditioning(cond):
     return out
 
 
-def _normal_weights(model: torch.nn.Module) -> None:
-    """Tensors made under ``torch.inference_mode`` (ComfyUI loads models in it) cannot be saved for
-    backward. Replace such parameters and buffers by normal tensors with the same values (a new
-    Parameter object: swapping ``.data`` is not enough). The model stays bit-identical."""
-    with torch.no_grad():
-        for mod in model.modules():
-            for name, p in list(mod._parameters.items()):
-                if p is not None and p.is_inference():
-                    mod._parameters[name] = torch.nn.Parameter(p.detach().clone(), requires_grad=False)
-            for name, b in list(mod._buffers.items()):
-                if b is not None and b.is_inference():
-                    mod._buffers[name] = b.clone()
+_BLOCK_LISTS = ("double_blocks", "single_blocks", "transformer_blocks")
+
+
+def _outside_blocks(diffusion_model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules of the diffusion model that are not inside a transformer block (embedders, final layer)."""
+    inside = {id(m) for attr in _BLOCK_LISTS for m in getattr(diffusion_model, attr, torch.nn.ModuleList()).modules()}
+    return [m for m in diffusion_model.modules() if id(m) not in inside]
+
+
+@contextlib.contextmanager
+def normal_weights(modules):
+    """Tensors made under ``torch.inference_mode`` (ComfyUI loads models in it) cannot be saved for backward.
+    While the context is open, the parameters and buffers of ``modules`` (each module's own, not its
+    children's) that are such tensors are replaced by normal copies with the same values, on the same device;
+    the original objects are put back on exit. The swap is short (one step, or one block's recompute), so
+    ComfyUI cannot load, move or patch the shared model in between, and every other clone sees it unchanged;
+    at most one block's weights are copied at a time."""
+    swapped: list[tuple[torch.nn.Module, str, str, torch.Tensor]] = []
+    try:
+        with torch.no_grad():
+            for mod in {id(m): m for m in modules}.values():
+                for kind in ("_parameters", "_buffers"):
+                    for name, t in list(getattr(mod, kind).items()):
+                        if t is None or not t.is_inference():
+                            continue
+                        copy = t.detach().clone()
+                        getattr(mod, kind)[name] = (
+                            torch.nn.Parameter(copy, requires_grad=False) if kind == "_parameters" else copy
+                        )
+                        swapped.append((mod, kind, name, t))
+        yield
+    finally:
+        for mod, kind, name, original in reversed(swapped):
+            getattr(mod, kind)[name] = original
 
 
 def block_patches(model_patcher, params: list[torch.Tensor]) -> None:
     """Install the block checkpoint on every FLUX double/single or Qwen-Image block of a clone."""
     dm = model_patcher.model.diffusion_model
-    patch = _checkpoint_patch(params)
     for attr, kind in (
         ("double_blocks", "double_block"),
         ("single_blocks", "single_block"),
         ("transformer_blocks", "double_block"),
     ):
-        for i in range(len(getattr(dm, attr, []))):
-            model_patcher.set_model_patch_replace(patch, "dit", kind, i)
+        for i, block in enumerate(getattr(dm, attr, [])):
+            model_patcher.set_model_patch_replace(_checkpoint_patch(params, block), "dit", kind, i)
+
+
+def _on_generator(gen: torch.Generator | None, device) -> bool:
+    return gen is None or gen.device.type == torch.device(device).type
+
+
+def random_normal(shape: tuple[int, ...], gen: torch.Generator | None, device) -> torch.Tensor:
+    """N(0, 1) values on ``device``: drawn where the generator lives, then moved. A CPU generator gives the same
+    values on every device (as ComfyUI's own noise); ``None`` draws on ``device`` with its default generator."""
+    if _on_generator(gen, device):
+        return torch.randn(shape, generator=gen, device=device)
+    return torch.randn(shape, generator=gen, device=gen.device).to(device)
+
+
+def _draw(n: int, batch: int, gen: torch.Generator | None, device) -> torch.Tensor:
+    """``min(batch, n)`` random indices below ``n`` on ``device`` (where they index); see :func:`random_normal`."""
+    if _on_generator(gen, device):
+        return torch.randint(n, (min(batch, n),), generator=gen, device=device)
+    return torch.randint(n, (min(batch, n),), generator=gen, device=gen.device).to(device)
+
+
+def official_pair(
+    latent: torch.Tensor, sigma: float, batch: int, gen: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official objective's input x_σ = (1−σ)·x0 + σ·ε and target ε − x0 for ``batch`` noises, in fp32 on
+    the latent's device. ε comes from the CPU generator, so a seed gives the same run on any device."""
+    x = latent.repeat(batch, *([1] * (latent.ndim - 1))).to(torch.float32)
+    eps = random_normal(x.shape, gen, x.device)
+    return (1.0 - sigma) * x + sigma * eps, eps - x
+
+
+def trajectory_pair(
+    states: dict[float, torch.Tensor], s0: float, s1: float, batch: int, gen: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher states at ``s0`` and the average velocity to ``s1`` (the trajectory target), on the states'
+    device."""
+    idx = _draw(states[s0].shape[0], batch, gen, states[s0].device)
+    x = states[s0].index_select(0, idx)
+    return x, (x - states[s1].index_select(0, idx)) / (s0 - s1)
 
 
 @outside_inference_mode(grad=True)
+@training_mode()
 def train_expert(
     model_patcher,
     job: ExpertJob,
@@ -436,11 +547,9 @@ def train_expert(
         i = int(torch.randint(len(job.sigmas), (1,), generator=gen))
         sigma = job.sigmas[i]
         drawn.append(sigma)
-        x = latent.repeat(batch, *([1] * (latent.ndim - 1))).to(torch.float32)
-        eps = torch.randn(x.shape, generator=gen).to(x.device)
-        xt = (1.0 - sigma) * x + sigma * eps
+        xt, target = official_pair(latent, sigma, batch, gen)
         v = velocity(model_wrap, extra_args, xt.to(latent.dtype), sigma)
-        finish(torch.nn.functional.mse_loss(v.float(), (eps - x).float()), step)
+        finish(torch.nn.functional.mse_loss(v.float(), target), step)
         return latent
 
     def trajectory_step(model_wrap, extra_args, latent, data):
@@ -450,14 +559,10 @@ def train_expert(
         own = data.get("student_pairs", {}).get(s0)
         if own is not None and float(torch.rand((), generator=gen)) < student_mix:
             states, targets = own  # the student's own states, with the teacher's average velocity from there
-            idx = torch.randint(states.shape[0], (min(batch, states.shape[0]),), generator=gen)
-            x, target = states[idx], targets[idx]
+            idx = _draw(states.shape[0], batch, gen, states.device)
+            x, target = states.index_select(0, idx), targets.index_select(0, idx)
         else:
-            states = data["states"]
-            n = states[s0].shape[0]
-            idx = torch.randint(n, (min(batch, n),), generator=gen)
-            x = states[s0][idx]
-            target = (states[s0][idx] - states[s1][idx]) / (s0 - s1)
+            x, target = trajectory_pair(data["states"], s0, s1, batch, gen)
         v = velocity(model_wrap, extra_args, x, s0)
         finish(torch.nn.functional.mse_loss(v.float(), target.float()), step)
         return latent
@@ -478,7 +583,6 @@ def train_expert(
                 x = _euler(guider, x, [s0, s1], seed)
         data["student_pairs"] = pairs
 
-    _normal_weights(model_patcher.model)
     lora.enabled = True
     refresh = max(1, steps // 8)
     try:
@@ -622,25 +726,205 @@ def image_hash(image: torch.Tensor) -> str:
     return hashlib.sha256(image.detach().to(torch.float32).cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
+#: Temporary files of a save live in a hidden folder of their own next to the final file (the rename is atomic
+#: there): safetensors itself writes through a hidden ``.tmp*`` file in the folder it is given, so that one lands
+#: inside too. The file has an extension no loader lists. A killed run's leftovers are removed by the next save
+#: planned in that folder.
+TMP_PREFIX = ".glance-tmp-"
+_TMP_SUFFIX = ".part"
+#: This process's start (the pack is imported at server start): older temporary files belong to no live save.
+_STARTED = time.time()
+#: Longest file name (bytes) on the common file systems (ext4, NTFS, APFS).
+NAME_MAX = 255
+#: Characters refused in save_name: control characters (NUL…) and those Windows forbids in a file name, so
+#: a name valid here is valid on every system the graph travels to.
+_BAD_CHARS = set('<>:"|?*\\') | {chr(i) for i in range(32)} | {chr(127)}
+
+
+def _shown(text: str, limit: int = 60) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "…")
+
+
+def plan_save(root: str, save_name: str, suffixes: list[str], overwrite: bool) -> dict[str, str]:
+    """Every check that decides whether a result can be saved, done before the work: ``save_name`` (a name
+    inside ``root``, optionally with sub-folders ``a/b``) → ``{suffix: path}`` for ``<name><suffix>.safetensors``.
+    Refuses, naming the problem and the fix: traversal or absolute paths, control and reserved characters,
+    names too long for the file system, folders that cannot be created or written, and any existing file of
+    the whole set unless ``overwrite``. Also removes a killed run's temporary files in the target folder."""
+    name = save_name.strip().removesuffix(".safetensors")
+    if not name:
+        return {}
+    bad = sorted({c for c in name if c in _BAD_CHARS})
+    if bad:
+        raise GlanceError(
+            f"save_name {_shown(save_name)} contains {', '.join(repr(c) for c in bad)}: file names cannot hold "
+            f"control characters or any of < > : \" | ? * \\. Use letters, digits, '-', '_', '.' and '/' for "
+            f"sub-folders. Nothing was trained."
+        )
+    norm = os.path.normpath(name)
+    parts = name.replace(os.sep, "/").split("/")
+    if os.path.isabs(name) or norm.startswith("..") or ".." in parts:
+        raise GlanceError(
+            f"save_name {_shown(save_name)} must be a name inside models/loras/, without '..' or a leading '/'. "
+            f"Nothing was trained."
+        )
+    ending = f"{max(suffixes, key=len)}.safetensors"
+    if any(not part.strip() or part == "." for part in parts):
+        raise GlanceError(
+            f"save_name {_shown(save_name)} has an empty folder or file name (a '//', a '.' or a trailing '/'): "
+            f"give a file name after the last '/'. Nothing was trained."
+        )
+    for part in parts[:-1] + [parts[-1] + ending]:
+        if len(part.encode()) > NAME_MAX:
+            raise GlanceError(
+                f"save_name is too long: {_shown(part)} is {len(part.encode())} bytes and file systems allow "
+                f"{NAME_MAX} per name ('{ending}' included, so the file name may have at most "
+                f"{NAME_MAX - len(ending.encode())} bytes before it). Shorten save_name. Nothing was trained."
+            )
+    root = os.path.abspath(root)
+    paths = {sfx: os.path.join(root, f"{norm}{sfx}.safetensors") for sfx in suffixes}
+    folder = os.path.dirname(next(iter(paths.values())))
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise GlanceError(
+            f"Cannot save under {folder}: {existing} is a file, not a folder. Choose another save_name. "
+            f"Nothing was trained."
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise GlanceError(
+            f"Cannot save under {folder}: {existing} is not writable by ComfyUI. Fix its permissions or choose "
+            f"another save_name. Nothing was trained."
+        )
+    for p in paths.values():
+        if os.path.isdir(p):
+            raise GlanceError(f"{p} is a folder; choose another save_name. Nothing was trained.")
+    taken = [p for p in paths.values() if os.path.exists(p)]
+    if taken and not overwrite:
+        raise GlanceError(
+            f"{' and '.join(taken)} already exist{'s' if len(taken) == 1 else ''}: choose another save_name or turn "
+            f"on overwrite. Nothing was trained."
+        )
+    clean_stale_temporaries(folder)
+    return paths
+
+
+def clean_stale_temporaries(folder: str) -> list[str]:
+    """Remove temporary save files in ``folder`` left by a run that was killed or failed before this process
+    started (a live save in this process is never touched). Returns the removed paths."""
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for n in names:
+        if not n.startswith(TMP_PREFIX):
+            continue
+        p = os.path.join(folder, n)
+        try:
+            if os.path.getmtime(p) >= _STARTED:
+                continue
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p)
+            else:
+                os.remove(p)
+            removed.append(p)
+            log.info("Glance: removed %s, left by an interrupted save", p)
+        except OSError:
+            pass
+    return removed
+
+
+def _temp_path(path: str) -> str:
+    """A fresh temporary file path for ``path``, inside its own hidden folder next to it."""
+    folder = os.path.join(os.path.dirname(path), f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}")
+    os.mkdir(folder)
+    return os.path.join(folder, "file" + _TMP_SUFFIX)
+
+
+def _remove(tmp: str) -> None:
+    """Remove a temporary file made by :func:`_temp_path` and its folder."""
+    shutil.rmtree(os.path.dirname(tmp), ignore_errors=True)
+
+
+def save_files_atomic(files: list[tuple[str, dict[str, torch.Tensor], dict[str, str]]], overwrite: bool) -> list[str]:
+    """Write several files all-or-nothing: every file goes to a temporary file in its folder first; only when
+    all are written (and none of the targets appeared meanwhile, unless ``overwrite``) are they renamed into
+    place. If a rename fails, the files already placed are removed and replaced ones restored, so either
+    the whole set is written or none of it is. Returns the written paths."""
+    from safetensors.torch import save_file
+
+    paths = [p for p, _, _ in files]
+
+    def check_free() -> None:
+        taken = [p for p in paths if os.path.exists(p)]
+        if taken and not overwrite:
+            raise GlanceError(
+                f"{' and '.join(taken)} appeared while training: choose another save_name or turn on overwrite. "
+                f"Nothing was written."
+            )
+
+    check_free()
+    temps: list[str] = []
+    current = paths[0]
+    try:
+        for path, sd, meta in files:
+            current = path
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            temps.append(_temp_path(path))
+            save_file(
+                {k: v.detach().to("cpu").contiguous() for k, v in sd.items()},
+                temps[-1],
+                metadata={k: str(v) for k, v in meta.items()},
+            )
+    except BaseException as e:
+        for t in temps:
+            _remove(t)
+        if isinstance(e, OSError):
+            raise GlanceError(
+                f"Could not write {current}: {e.strerror or e}. Free disk space or fix the folder's permissions. "
+                f"Nothing was written."
+            ) from e
+        raise
+    placed: list[str] = []
+    backups: dict[str, str] = {}
+    try:
+        check_free()
+        for path, tmp in zip(paths, temps):
+            if os.path.exists(path):
+                backups[path] = _temp_path(path)
+                os.replace(path, backups[path])
+            os.replace(tmp, path)
+            placed.append(path)
+    except BaseException as e:
+        for p in placed:
+            with contextlib.suppress(OSError):
+                os.remove(p)
+        for p, b in backups.items():
+            try:
+                os.replace(b, p)
+                _remove(b)
+            except OSError:
+                log.error("Glance: could not put %s back; the previous file is kept at %s", p, b)
+        for t in temps:
+            _remove(t)
+        if isinstance(e, OSError):
+            raise GlanceError(
+                f"Could not write {paths[len(placed)]}: {e.strerror or e}. Nothing was written (the files of this "
+                f"save that were already in place were removed, replaced ones restored)."
+            ) from e
+        raise
+    for t in [*temps, *backups.values()]:
+        _remove(t)
+    return paths
+
+
 def save_lora_atomic(
     path: str, state_dict: dict[str, torch.Tensor], metadata: dict[str, str], overwrite: bool = False
 ) -> str:
-    """Write ``state_dict`` to ``path`` via a temporary file and an atomic rename."""
-    from safetensors.torch import save_file
-
-    if os.path.exists(path) and not overwrite:
-        raise GlanceError(f"{path} already exists; choose another save_name or enable overwrite. Nothing was written.")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".safetensors.tmp", dir=os.path.dirname(path))
-    os.close(fd)
-    try:
-        save_file(state_dict, tmp, metadata={k: str(v) for k, v in metadata.items()})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    """Write one file all-or-nothing (see :func:`save_files_atomic`)."""
+    return save_files_atomic([(path, state_dict, metadata)], overwrite)[0]
 
 
 def metadata_for(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-import os
+import math
 
 import comfy.model_management
 import comfy.utils
@@ -17,6 +17,9 @@ from .common import CATEGORY, caption_inputs, guidance_inputs, require_flow_mode
 
 log = logging.getLogger("comfyui-glance")
 PRESET_FOR = {"flux": "glance_flux", "qwen_image": "glance_qwen_image"}
+OBJECTIVES = ["official", "trajectory"]
+EXPERTS = ["both", "slow", "fast"]
+TARGET_PRESETS = ["official", "attention", "all_linear"]
 
 
 def progress_text(text: str, node_id: str | None) -> None:
@@ -30,22 +33,32 @@ def progress_text(text: str, node_id: str | None) -> None:
 
 
 def save_paths(save_name: str, experts_: list[str], overwrite: bool) -> dict[str, str]:
-    if not save_name.strip():
-        return {}
-    name = save_name.strip().removesuffix(".safetensors")
-    norm = os.path.normpath(name)
-    if os.path.isabs(name) or norm.startswith(".."):
-        raise GlanceError(
-            f"save_name {save_name!r} must be a name inside models/loras/, without '..' or a leading '/'."
-        )
+    """``{expert: path}`` in models/loras for ``<save_name>_<expert>.safetensors`` (``""``: no suffix), after
+    every check that decides whether the files can be written (see ``training.plan_save``)."""
     root = folder_paths.get_folder_paths("loras")[0]
-    paths = {e: os.path.join(root, f"{norm}{'_' + e if e else ''}.safetensors") for e in experts_}
-    taken = [p for p in paths.values() if os.path.exists(p)]
-    if taken and not overwrite:
-        raise GlanceError(
-            f"{taken[0]} already exists: choose another save_name or turn on overwrite. Nothing was trained."
-        )
-    return paths
+    suffix = {e: f"_{e}" if e else "" for e in experts_}
+    paths = training.plan_save(root, save_name, list(suffix.values()), overwrite)
+    return {e: paths[sfx] for e, sfx in suffix.items()} if paths else {}
+
+
+def check_choice(name: str, value, options: list[str]) -> None:
+    """ComfyUI 0.3.75 does not check combo values against their lists; the node does."""
+    if value not in options:
+        raise GlanceError(f"{name} {value!r} is not one of {', '.join(map(repr, options))}: pick one of these.")
+
+
+def check_at_least(**values: tuple[int, int]) -> None:
+    """Integer inputs below their minimum (ComfyUI's server refuses them; a script or an older front end may not)."""
+    for name, (v, low) in values.items():
+        if v < low:
+            raise GlanceError(f"{name} is {v}: it must be at least {low}.")
+
+
+def check_finite(**values: float) -> None:
+    """NaN passes ComfyUI's min/max check (every comparison with NaN is False); refuse it and ±inf by name."""
+    for name, v in values.items():
+        if v is not None and not math.isfinite(float(v)):
+            raise GlanceError(f"{name} is {v}: it must be a finite number. Set a value in its range.")
 
 
 def caption_list(positive, clip, captions: str) -> list:
@@ -84,15 +97,20 @@ def _prepare_image(image: torch.Tensor, resolution: int) -> tuple[torch.Tensor, 
             f"The image has {channels} channel(s); the trainer needs RGB. Convert the greyscale image "
             f"to RGB first (LoadImage does)."
         )
+    if not torch.isfinite(image).all():
+        raise GlanceError(
+            "The image contains NaN or infinite pixel values (a broken upstream node or file): fix or replace it."
+        )
     h, w = image.shape[1], image.shape[2]
     if min(h, w) < 64:
         raise GlanceError(f"The image is {w}×{h} px: too small to learn from (at least 64 px per side).")
     if max(h, w) > 8192:
         raise GlanceError(f"The image is {w}×{h} px: larger than 8192 px; downscale it first.")
+    # The source's aspect, not the resized one: at small resolutions the floor to 32 px squashes 640×64 to 64×32.
+    if h / w > 4 or w / h > 4:
+        raise GlanceError(f"The image is {w}×{h} px: aspect ratios beyond 4:1 are not supported; crop it.")
     scale = resolution / max(h, w)
     nh, nw = max(32, int(h * scale) // 32 * 32), max(32, int(w * scale) // 32 * 32)
-    if nh / nw > 4 or nw / nh > 4:
-        raise GlanceError(f"The image is {w}×{h} px: aspect ratios beyond 4:1 are not supported; crop it.")
     note = (
         f"image {w}×{h} → {nw}×{nh} (longer side to {resolution}, sides floored to a multiple of 32, as the "
         f"official recipe)"
@@ -125,7 +143,7 @@ class OneShotTrainer(io.ComfyNode):
                 ),
                 io.Combo.Input(
                     "objective",
-                    options=["official", "trajectory"],
+                    options=OBJECTIVES,
                     default="official",
                     tooltip="official: plain flow-matching loss on the image (the paper's recipe). "
                     "trajectory: targets from the model's own 50-step rollouts (measurably better at "
@@ -133,7 +151,7 @@ class OneShotTrainer(io.ComfyNode):
                 ),
                 io.Combo.Input(
                     "expert",
-                    options=["both", "slow", "fast"],
+                    options=EXPERTS,
                     default="both",
                     tooltip="Which expert(s) to train: Slow = the high-noise steps, Fast = the rest.",
                 ),
@@ -181,7 +199,7 @@ class OneShotTrainer(io.ComfyNode):
                 ),
                 io.Combo.Input(
                     "target_layers",
-                    options=["official", "attention", "all_linear"],
+                    options=TARGET_PRESETS,
                     default="official",
                     tooltip="Layers that get a LoRA. official: FLUX q/k/v/out of every block; Qwen-Image "
                     "attention, MLP-out and modulation (the released recipe).",
@@ -307,6 +325,21 @@ class OneShotTrainer(io.ComfyNode):
         overwrite: bool = False,
     ) -> io.NodeOutput:
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
+        # Every input is checked before any work (encoding, rollouts, training).
+        check_choice("objective", objective, OBJECTIVES)
+        check_choice("expert", expert, EXPERTS)
+        check_choice("target_layers", target_layers, TARGET_PRESETS)
+        check_finite(
+            learning_rate=learning_rate, alpha=alpha, boundary_sigma=boundary_sigma, cfg=cfg, student_mix=student_mix
+        )
+        check_at_least(
+            steps=(steps, 1), rank=(rank, 0), batch=(batch, 1), resolution=(resolution, 32), noises=(noises, 1),
+            teacher_steps=(teacher_steps, 4),
+        )  # fmt: skip
+        if learning_rate < 0 or alpha < 0:
+            raise GlanceError("learning_rate and alpha cannot be negative (0 = the official value).")
+        if not positive:
+            raise GlanceError("positive is an empty conditioning: connect the caption's text encoder output.")
         ms = require_flow_model(model, "Glance One-Shot Trainer")
         arch = training.architecture(model)
         r0, _, lr0 = training.OFFICIAL[arch]
@@ -348,7 +381,10 @@ class OneShotTrainer(io.ComfyNode):
             img, note = _prepare_image(image, resolution)
             log.info("Glance trainer: %s", note)
             img_hash = training.image_hash(img)
-            x0 = vae.encode(img[:, :, :, :3])
+            # No autograd graph: a VAE whose weights require grad (built outside ComfyUI's inference mode) would
+            # tie every step's loss to the same encoder graph ("backward through the graph a second time").
+            with torch.no_grad():
+                x0 = vae.encode(img[:, :, :, :3]).detach()
             cfg = 1.0
         pos_list = caption_list(positive, clip, captions)
         if objective == "official" and arch == "flux":  # the released FLUX script feeds guidance 1.0 in training
@@ -402,12 +438,30 @@ class OneShotTrainer(io.ComfyNode):
             )
         comfy.model_management.throw_exception_if_processing_interrupted()
 
-        for e, path in paths.items():
-            meta = training.metadata_for(
-                arch, e, objective, rank, alpha, jobs[e].sigmas, steps, seed, lr, target_layers, img_hash, len(pos_list)
-            )
-            training.save_lora_atomic(path, results[e].state_dict, meta, overwrite=overwrite)
-            log.info("Glance trainer: saved %s", path)
+        if paths:
+            files = [
+                (
+                    path,
+                    results[e].state_dict,
+                    training.metadata_for(
+                        arch,
+                        e,
+                        objective,
+                        rank,
+                        alpha,
+                        jobs[e].sigmas,
+                        steps,
+                        seed,
+                        lr,
+                        target_layers,
+                        img_hash,
+                        len(pos_list),
+                    ),
+                )
+                for e, path in paths.items()
+            ]
+            for path in training.save_files_atomic(files, overwrite):
+                log.info("Glance trainer: saved %s", path)
         built = {e: experts.build_expert(model, r.state_dict, 1.0, f"trained {e} expert") for e, r in results.items()}
         phase_model = experts.apply_phase_lora(model, built.get("slow"), built.get("fast"), sched.boundary)
         curve = loss_curve(

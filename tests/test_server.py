@@ -182,3 +182,25 @@ def test_stop_interrupts_training_promptly_and_writes_nothing(server, object_inf
     assert "execution_interrupted" in [e for e, _ in entry["status"]["messages"]]
     assert not list((server.base / "models" / "loras").glob("never_written*"))
     assert server.run(_api("glance_flux_10step", object_info))["status"]["status_str"] == "success"
+
+
+def test_save_names_that_cannot_be_saved_fail_before_training(server, object_info):
+    """Through /prompt: a save_name too long for the file system, one with a NUL, and a name whose Fast file
+    already exists are refused before any training step, name the problem, write nothing; the server serves on."""
+    loras = server.base / "models" / "loras"
+    (loras / "taken_fast.safetensors").write_bytes(b"someone's file")
+    before = sorted(p.name for p in loras.iterdir())
+    for name, needles in [
+        ("n" * 300, ("save_name is too long", "Nothing was trained")),
+        ("bad\x00name", ("contains '\\x00'", "Nothing was trained")),
+        ("taken", ("taken_fast.safetensors already exists", "overwrite")),
+    ]:
+        api = _api("glance_flux_train_one_image", object_info)
+        trainer = next(n for n in api.values() if n["class_type"] == "OneShotTrainer")
+        trainer["inputs"].update(steps=100000, save_name=name)  # would run for hours if the check came late
+        t = time.time()
+        _fails_naming(server, api, *needles)
+        assert time.time() - t < 60
+    assert sorted(p.name for p in loras.iterdir()) == before
+    assert (loras / "taken_fast.safetensors").read_bytes() == b"someone's file"
+    assert server.run(_api("glance_flux_10step", object_info))["status"]["status_str"] == "success"
