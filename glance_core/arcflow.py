@@ -110,7 +110,7 @@ def token_velocity(
 def unpack_tokens(raw: torch.Tensor, k: int, channels: int, h: int, w: int, patch: int = 2) -> torch.Tensor:
     """Per-token head output [B, h·w, k·channels·p²] (diffusers order (k, c, ph, pw)) → [B, k, channels, h·p, w·p]."""
     b = raw.shape[0]
-    t = raw[:, : h * w].reshape(b, h, w, k, channels, patch, patch)
+    t = raw.narrow(1, 0, h * w).reshape(b, h, w, k, channels, patch, patch)
     return t.permute(0, 3, 4, 1, 5, 2, 6).reshape(b, k, channels, h * patch, w * patch)
 
 

@@ -109,9 +109,11 @@ def iteration(
     device: torch.device,
     teacher_velocity: Callable,
     student_policy: Callable,
+    backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
 ) -> list[torch.Tensor]:
-    """One distillation iteration (see the module doc): backward of each student step's loss; returns the
-    detached losses. ``teacher_velocity(x, σ)`` and ``student_policy(x, σ, grad)`` evaluate the model."""
+    """One distillation iteration (see the module doc): ``backward`` of each student step's loss as soon as it is
+    known (its graph is freed before the next step); returns the losses. ``teacher_velocity(x, σ)`` and
+    ``student_policy(x, σ, grad)`` evaluate the model."""
     x = noise.to(device=device, dtype=torch.float32)
     losses = []
     for i, step_fractions in enumerate(fractions):
@@ -133,8 +135,8 @@ def iteration(
             loss = sum(
                 torch.nn.functional.mse_loss(arcflow.velocity(means, logits, lam, el), v) for el, v in pairs
             ) / len(pairs)
-            loss.backward()
-        losses.append(loss.detach())
+            backward(loss)
+        losses.append(loss)
         x = (x - arcflow.displacement(*pol, sa, sb).to(x.dtype)).detach()
     return losses
 
@@ -242,7 +244,7 @@ def distill(
                 lambda x, s, c=cond: teacher_velocity(x, s, c),
                 lambda x, s, grad, c=cond: student_policy(x, s, c, grad),
             )
-            values = [float(v) for v in step_losses]
+            values = [float(v.detach()) for v in step_losses]
             if not all(math.isfinite(v) for v in values):
                 raise GlanceError(
                     f"ArcFlow distillation diverged at iteration {it + 1} (loss {values}): lower the "

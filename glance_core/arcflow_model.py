@@ -56,7 +56,7 @@ class ArcFlowState:
         hh, ww = x.shape[-2], x.shape[-1]
         h, w = -(-hh // self.patch), -(-ww // self.patch)
         out = tuple(
-            arcflow.unpack_tokens(t, n, c, h, w, self.patch)[..., :hh, :ww]
+            arcflow.unpack_tokens(t, n, c, h, w, self.patch).narrow(-2, 0, hh).narrow(-1, 0, ww)
             for t, n, c in ((means, self.k, self.channels), (logw, self.k, 1), (logg, self.k - 1, 1))
         )
         if x.ndim == 5:  # Qwen-Image latents carry a time axis of length 1
@@ -315,10 +315,14 @@ def _call_wrapper(state: ArcFlowState):
             return executor(x, t, *args, **kwargs)
         sampling = getattr(executor.class_obj, "model_sampling", None)
         if not isinstance(sampling, ms.CONST):
+            kind = next(
+                (c.__name__ for c in type(sampling).__mro__ if c.__module__ == ms.__name__ and c.__name__.isupper()),
+                type(sampling).__name__,
+            )
             raise GlanceError(
-                f"ArcFlow models predict a flow velocity, but a node after the ArcFlow loader set "
-                f"{type(sampling).__name__} sampling: use a flow ModelSampling (ModelSamplingAuraFlow / SD3 / "
-                f"Flux) or none after the loader."
+                f"ArcFlow models predict a flow velocity, but a node after the ArcFlow loader set a non-flow "
+                f"sampling ({kind} prediction, e.g. ModelSamplingDiscrete): use a flow ModelSampling "
+                f"(ModelSamplingAuraFlow / SD3 / Flux) or none after the loader."
             )
         s = t.reshape(-1)
         sigma = float(s[0])

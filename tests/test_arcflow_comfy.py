@@ -144,7 +144,7 @@ def test_full_size_official_layout_loads(comfy_nodes, glance, tiny, arch, config
     am = importlib.import_module(glance.__name__ + ".glance_core.arcflow_model")
     experts = importlib.import_module(glance.__name__ + ".glance_core.experts")
     config = getattr(tiny, config)
-    mc = (sm.Flux if arch == "flux" else sm.QwenImage)(dict(config))
+    mc = (sm.Flux if arch == "flux" else sm.QwenImage)(tiny.runtime_config(arch, config))
     mc.set_inference_dtype(torch.bfloat16, None)
     model = comfy.model_patcher.ModelPatcher(mc.get_model({}, device="meta"), load_device="meta", offload_device="meta")
     sd = tiny.arcflow_adapter(arch, k=16, rank=256, config=config, shapes_only=True)
