@@ -80,6 +80,20 @@ def _config_class(arch: str):
     return {"flux": sm.Flux, "qwen_image": sm.QwenImage}[arch]
 
 
+def runtime_config(arch: str, config: dict | None = None) -> dict:
+    """``config`` with the fields this ComfyUI's FLUX requires that detection fills for a FLUX.1 checkpoint
+    (newer releases added ``txt_ids_dims``, ``[]`` for FLUX.1); older releases do not know the field."""
+    import dataclasses
+
+    cfg = dict(config or CONFIGS[arch])
+    if arch == "flux":
+        from comfy.ldm.flux.model import FluxParams
+
+        if "txt_ids_dims" in {f.name for f in dataclasses.fields(FluxParams)}:
+            cfg.setdefault("txt_ids_dims", [])
+    return cfg
+
+
 def seeded_state_dict(shapes: dict[str, torch.Size], seed: int) -> dict[str, torch.Tensor]:
     """Weights ~ N(0, 1/fan_in), norm scales 1, biases small; each tensor seeded by (seed, key)."""
     sd = {}
@@ -98,7 +112,7 @@ def seeded_state_dict(shapes: dict[str, torch.Size], seed: int) -> dict[str, tor
 
 
 def model_shapes(arch: str, config: dict | None = None) -> dict[str, torch.Size]:
-    mc = _config_class(arch)(dict(config or CONFIGS[arch]))
+    mc = _config_class(arch)(runtime_config(arch, config))
     mc.set_inference_dtype(torch.float32, None)
     model = mc.get_model({}, device="meta")  # shapes only: no memory, even at full size
     return {k: v.shape for k, v in model.diffusion_model.state_dict().items()}
@@ -113,7 +127,7 @@ def build(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32, device: 
     import comfy.model_management as mm
     import comfy.model_patcher
 
-    mc = _config_class(arch)(dict(CONFIGS[arch]))
+    mc = _config_class(arch)(runtime_config(arch))
     mc.set_inference_dtype(dtype, None)
     model = mc.get_model({})
     model.load_model_weights(state_dict(arch, seed), "")
