@@ -368,3 +368,54 @@ def test_distiller_refuses_bad_settings_before_any_work(comfy_nodes, tiny, loras
         with pytest.raises(ValueError, match=msg):
             distiller.execute(model, pos, save_name="never", **args)
         assert not (loras_dir / "never.safetensors").exists()
+
+
+def _mixed_precision_model(tiny, arch: str, quantize: str):
+    """The tiny model as a mixed-precision checkpoint loads: layers matching ``quantize`` stored as scaled
+    float8_e4m3fn with per-layer ``comfy_quant`` metadata, built with ComfyUI's mixed-precision Linear class."""
+    import json
+    import re
+
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.ops
+
+    sd = tiny.state_dict(arch, 0)
+    conf = torch.tensor(list(json.dumps({"format": "float8_e4m3fn"}).encode()), dtype=torch.uint8)
+    for key in [k for k in sd if k.endswith(".weight") and sd[k].ndim == 2 and re.search(quantize, k)]:
+        w = sd.pop(key)
+        scale = w.abs().max() / 448.0
+        prefix = key[: -len("weight")]
+        sd[key] = (w / scale).to(torch.float8_e4m3fn)
+        sd[prefix + "weight_scale"] = scale.reshape(())
+        sd[prefix + "comfy_quant"] = conf
+    mc = tiny._config_class(arch)(tiny.runtime_config(arch))
+    mc.set_inference_dtype(torch.float32, None)
+    mc.custom_operations = comfy.ops.mixed_precision_ops({}, torch.float32)
+    model = mc.get_model({})
+    model.load_model_weights(sd, "")
+    dev = mm.get_torch_device()
+    return comfy.model_patcher.ModelPatcher(model, load_device=dev, offload_device=mm.unet_offload_device())
+
+
+def test_mixed_precision_linear_layers(comfy_nodes, glance, tiny, loras_dir):
+    """Newer ComfyUI loads quantized checkpoints with a mixed-precision Linear class (not a torch Linear, weights
+    as QuantizedTensor): the loader, the sampler and the distiller's head initialisation must take it."""
+    import comfy.ops
+
+    if not hasattr(comfy.ops, "_load_quantized_module"):
+        pytest.skip("this ComfyUI has no per-layer quantized checkpoints")
+    arch = "qwen_image"
+    with torch.inference_mode():
+        model = _mixed_precision_model(tiny, arch, r"^(proj_out|norm_out\.linear|transformer_blocks\.\d+\.img_mlp)")
+        proj = model.get_model_object("diffusion_model.proj_out")
+        assert not isinstance(proj, torch.nn.Linear) and type(proj.weight).__name__ == "QuantizedTensor"
+        _, arc = _load(comfy_nodes, tiny, loras_dir, arch, model=model)
+        _, ref = _load(comfy_nodes, tiny, loras_dir, arch, name="arc2.safetensors")
+        cond, latent = tiny.conditioning(arch, 1), tiny.latent(arch)
+        out, full = _sample(comfy_nodes, arc, cond, latent), _sample(comfy_nodes, ref, cond, latent)
+    assert torch.isfinite(out).all()
+    assert float((out - full).norm() / full.norm()) < 0.1  # fp8 rounding of the quantized layers only
+    heads = _mod(glance, "arcflow_distill").initial_heads(model, 4, torch.Generator().manual_seed(0))
+    dense = proj.weight.dequantize().float()
+    assert torch.allclose(heads["proj_out_means.weight"][: dense.shape[0]], dense)
