@@ -206,15 +206,27 @@ def compute_dtype(model) -> torch.dtype:
     return dtype if dtype in FLOATS else torch.float32
 
 
+#: No trained adapter tensor comes near this (weights and biases are O(1)); beyond it the result is garbage.
+IMPLAUSIBLE = 1e6
+
+
 def check_finite(sd: dict[str, torch.Tensor], name: str) -> None:
-    """Refuse an adapter with NaN/inf anywhere: it would sample a black or noise image without an error."""
+    """Refuse an adapter with NaN/inf or absurd values anywhere: it would sample a black or noise image."""
     for key in sorted(sd):
         t = sd[key]
-        if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+        if not t.is_floating_point() or t.device.type == "meta" or t.numel() == 0:
+            continue
+        if not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
             raise GlanceError(
                 f"{name}: tensor {key!r} holds {bad} NaN/inf value(s) of {t.numel()}: the file is corrupt or was "
                 f"saved from a diverged run. Download the adapter again, or distil a new one."
+            )
+        peak = float(t.abs().max())
+        if peak > IMPLAUSIBLE:
+            raise GlanceError(
+                f"{name}: tensor {key!r} holds a value of {peak:.3g}, far beyond any trained adapter (|v| ≤ "
+                f"{IMPLAUSIBLE:.0e}): the file is corrupt. Download the adapter again, or distil a new one."
             )
 
 
