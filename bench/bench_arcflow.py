@@ -10,8 +10,8 @@
             upper bound on what FLUX.1-dev itself needs; it is what Qwen-Image's 50-step CFG costs).
 Timed as a user pays per image with one loaded model: the ArcFlow model and the plain model are timed in
 separate blocks (each block starts with an untimed warm-up that loads the model and merges the adapter's LoRA
-once), alternating blocks over ``--rounds`` so drift hits both; inside the plain model's block the bare and
-teacher runs alternate (same model, nothing to re-merge). Medians over all timed runs.
+once), alternating short blocks over ``--rounds`` so machine drift hits both; inside the plain model's block the
+bare and teacher runs alternate (same model, nothing to re-merge). Medians over all timed runs.
 """
 
 from __future__ import annotations
@@ -29,16 +29,15 @@ from devtools import comfy_env, tiny_models
 
 def time_blocks(groups: list[dict], repeats: int, rounds: int, device: str) -> dict[str, list[float]]:
     """Wall times per variant. Each group holds the variants of ONE model: a round runs each group as a block
-    (warm-up call per variant, untimed, then ``repeats`` timed round-robin calls), so no timed call pays for
-    loading a model or merging/unmerging a LoRA."""
+    (one untimed warm-up call, then ``repeats`` timed round-robin calls), so no timed call pays for loading a
+    model or merging/unmerging a LoRA. Many short rounds keep the blocks interleaved against machine drift."""
     import comfy.model_management as mm
 
     times: dict[str, list[float]] = {k: [] for g in groups for k in g}
     for _ in range(rounds):
         for group in groups:
             mm.unload_all_models()
-            for f in group.values():
-                f()
+            next(iter(group.values()))()  # warm-up: loads the model (and merges its LoRA) once, untimed
             for _ in range(repeats):
                 for k, f in group.items():
                     _sync(device)
@@ -54,8 +53,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--full", action="store_true")
     ap.add_argument("--size", type=int, default=None)
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per variant and block")
-    ap.add_argument("--rounds", type=int, default=2, help="blocks per model (alternating)")
+    ap.add_argument("--repeats", type=int, default=1, help="timed runs per variant and block")
+    ap.add_argument("--rounds", type=int, default=7, help="blocks per model (alternating)")
     ap.add_argument("--hidden", type=int, default=None, help="width of the CPU model (tiny: 64; heads of 24)")
     ap.add_argument("--depth", type=int, default=None, help="double and single blocks of the CPU model")
     ap.add_argument("--json", default=None)
