@@ -141,6 +141,7 @@ def split_adapter(sd: dict[str, torch.Tensor]) -> tuple[dict, dict]:
 
 def check_heads(model_patcher, full: dict[str, torch.Tensor], name: str) -> int:
     """Validate the full tensors against the model; returns K. Errors name the tensor and both shapes."""
+    refuse_arcflow_model(model_patcher, "ArcFlow Adapter Loader")
     model = model_patcher.model
     norm_path, proj_path, _ = _layout(model)
     # get_model_object: the base modules even while another clone has its object patches applied
@@ -368,6 +369,15 @@ def next_sigma(sample_sigmas, sigma: float) -> float | None:
         if abs(v - sigma) <= 1e-6 * max(1.0, abs(v)):
             return values[i + 1]
     return None
+
+
+def refuse_arcflow_model(model_patcher, node: str) -> None:
+    """The heads replace the base projection: a second adapter (or distillation) needs the base model."""
+    if state_of(model_patcher) is not None:
+        raise GlanceError(
+            f"{node}: this model already has ArcFlow heads (from ArcFlow Adapter Loader or Distiller). Connect the "
+            f"base model (the loader's input) instead."
+        )
 
 
 def state_of(model_patcher) -> ArcFlowState | None:

@@ -277,6 +277,7 @@ class ArcFlowDistiller(io.ComfyNode):
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
         require_flow_model(model, "ArcFlow Distiller")
         training.architecture(model)
+        arcflow_model.refuse_arcflow_model(model, "ArcFlow Distiller")
         arcflow_distill.check_resolution(model, resolution)
         for label, value in (("learning_rate", learning_rate), ("shift", shift), ("cfg", cfg)):
             if not (math.isfinite(float(value)) and float(value) > 0):

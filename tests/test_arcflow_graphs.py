@@ -420,3 +420,14 @@ def test_mixed_precision_linear_layers(comfy_nodes, glance, tiny, loras_dir):
     heads = _mod(glance, "arcflow_distill").initial_heads(model, 4, torch.Generator().manual_seed(0))
     dense = proj.weight.dequantize().float()
     assert torch.allclose(heads["proj_out_means.weight"][: dense.shape[0]], dense)
+
+
+def test_arcflow_model_as_input_is_a_named_error(comfy_nodes, tiny, loras_dir):
+    """A second ArcFlow loader, or the distiller, on a model that already has heads (the old code raised a raw
+    AttributeError: the heads have no ``in_features``)."""
+    _, arc = _load(comfy_nodes, tiny, loras_dir, "flux")
+    with pytest.raises(ValueError, match=r"ArcFlow Adapter Loader: this model already has ArcFlow heads"):
+        _n(comfy_nodes, "ArcFlowLoader").execute(arc, "arc.safetensors", 1.0, 3.2)
+    args = dict(iterations=2, steps=2, components=4, rank=2, learning_rate=1e-3, batch=1, resolution=64, seed=0)
+    with pytest.raises(ValueError, match=r"ArcFlow Distiller: this model already has ArcFlow heads"):
+        _n(comfy_nodes, "ArcFlowDistiller").execute(arc, tiny.conditioning("flux", 1), **args)
