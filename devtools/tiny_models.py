@@ -85,12 +85,12 @@ def _config_class(arch: str):
 _FLUX1_DETECTED = {"txt_ids_dims": []}
 
 
-def runtime_config(arch: str, config: dict) -> dict:
+def runtime_config(arch: str, config: dict | None = None) -> dict:
     """``config`` completed with the fields this ComfyUI release requires for a FLUX.1-layout model.
 
     The tiny configs list the fields ComfyUI 0.3.75 needs; detection fills the newer ones for files on disk,
     in-process builds take the same values here. A required field we do not know is an error, not a guess."""
-    config = dict(config)
+    config = dict(config or CONFIGS[arch])
     if arch != "flux":
         return config
     import dataclasses
@@ -108,7 +108,7 @@ def runtime_config(arch: str, config: dict) -> dict:
 
 def model_config(arch: str, config: dict | None = None, dtype: torch.dtype = torch.float32):
     """ComfyUI's own model-config object (``supported_models``) for a tiny or full-size config."""
-    mc = _config_class(arch)(runtime_config(arch, config or CONFIGS[arch]))
+    mc = _config_class(arch)(runtime_config(arch, config))
     mc.set_inference_dtype(dtype, None)
     return mc
 

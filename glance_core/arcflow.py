@@ -1,5 +1,5 @@
-"""ArcFlow maths (arXiv 2602.09014; reference arcflow.md §2): momentum-mixture velocities integrated
-in closed form. Pure torch, no ComfyUI.
+"""ArcFlow maths (arXiv 2602.09014): momentum-mixture velocities integrated in closed form. Pure torch,
+no ComfyUI.
 
 Within a step that starts at σ_src, where the network is evaluated, the velocity at σ ≤ σ_src is
 
@@ -11,7 +11,11 @@ and the displacement from σ_a down to σ_b (elapsed a = σ_src − σ_a, Δ = �
 
 Shapes (ComfyUI layout): means [B, K, C, *S], logits [B, K, 1, *S], loggammas [B, K−1, 1, *S]
 (S = spatial dims, e.g. (H, W) or (T, H, W)); π and γ are per pixel, shared over channels.
-Everything is evaluated in float32.
+Everything is evaluated in float32, on the device of the inputs.
+
+The heads' per-token outputs can also be integrated without unpacking them (:func:`token_velocity`): the
+step-mean velocity ū = D/Δ = Σ_k π_k · m_k · φ(λ_k Δ) has the layout of the base model's output
+projection, so the model's own unpatchify (padding, cropping, several conditionings) handles the rest.
 """
 
 from __future__ import annotations
@@ -81,10 +85,32 @@ def schedule(steps: int, shift: float = 3.2) -> list[float]:
     return out
 
 
+def token_velocity(
+    means: torch.Tensor,
+    logits: torch.Tensor,
+    loggammas: torch.Tensor,
+    k: int,
+    channels: int,
+    patch: int,
+    delta: float | None,
+) -> torch.Tensor:
+    """Per-token heads [B, T, K·C·p²], [B, T, K·p²], [B, T, (K−1)·p²] (diffusers order (k, c, ph, pw)) →
+    the velocity per token [B, T, C·p²] in the base projection's (c, ph, pw) order, float32: the step-mean
+    velocity D/Δ over a step of length ``delta`` (elapsed 0), or u(σ_src) when ``delta`` is None."""
+    b, t, p2 = means.shape[0], means.shape[1], patch * patch
+    m = means.to(torch.float32).reshape(b, t, k, channels, p2)
+    pi = torch.softmax(logits.to(torch.float32).reshape(b, t, k, 1, p2), dim=2)
+    if delta is not None:
+        lam = loggammas.to(torch.float32).reshape(b, t, k - 1, 1, p2)
+        lam = torch.cat([lam.new_zeros(b, t, 1, 1, p2), lam], dim=2)  # component 0: γ = 1
+        pi = pi * phi(lam * float(delta))
+    return (pi * m).sum(dim=2).reshape(b, t, channels * p2)
+
+
 def unpack_tokens(raw: torch.Tensor, k: int, channels: int, h: int, w: int, patch: int = 2) -> torch.Tensor:
     """Per-token head output [B, h·w, k·channels·p²] (diffusers order (k, c, ph, pw)) → [B, k, channels, h·p, w·p]."""
     b = raw.shape[0]
-    t = raw[:, : h * w].reshape(b, h, w, k, channels, patch, patch)
+    t = raw.narrow(1, 0, h * w).reshape(b, h, w, k, channels, patch, patch)
     return t.permute(0, 3, 4, 1, 5, 2, 6).reshape(b, k, channels, h * patch, w * patch)
 
 

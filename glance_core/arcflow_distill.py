@@ -1,16 +1,23 @@
 """Distil an ArcFlow adapter (LoRA + momentum heads) from the connected model, data-free.
 
-The official objective (reference arcflow.md §4.1, π-ID with an analytic rollout), sized down:
-for each student step σ_a → σ_b of the few-step schedule, the student is evaluated once at its own
-(detached) state x_a, giving the policy. Intermediate sigmas σ_c in the step are drawn; the state
-x_c is reached by moving along the detached student policy for a (1 − r) share of the way and along
-the teacher (Euler) for the rest, r decaying from 1 to 0 over the first half of training; there the
-student's velocity u(σ_c) = Σ π m γ^(σ_a−σ_c) is matched to the teacher's (guided) velocity. The
-next step starts from the detached student rollout.
+A simplified variant of ArcFlow's objective (π-ID with an analytic rollout): for each student step σ_a → σ_b
+of the few-step schedule, the student is evaluated once at its own (detached) state x_a, giving the policy.
+Intermediate sigmas σ_c in the step are drawn; the state x_c is reached by moving along the detached student
+policy for a (1 − r) share of the way and along the teacher (two Euler substeps) for the rest, r decaying from
+1 to 0 over the first half of training; there the student's velocity is matched to the teacher's (guided)
+velocity. The next step starts from the detached student rollout.
+
+Where it differs from the official training (say so when comparing): the student's prediction is its
+*instantaneous* velocity u(σ_c) = Σ π m γ^(σ_a−σ_c), where the official loss uses the policy's mean velocity
+over a short window ending at σ_c; there is no component ("GM") dropout on the detached rollout policy; the
+loss is the plain MSE (no ×30 rescale or segment weighting); 2 intermediate states per step (official 4); no
+warm-up, EMA or 8-bit optimiser.
 
 One patched model plays both parts: in teacher mode the heads, the new norm and the LoRA are
 bypassed, so no second copy of the weights is needed. Every model call goes through ComfyUI's own
 CFGGuider (the teacher with the graph's CFG, the student at cfg 1: guidance is distilled in).
+Latents and noise live on the model's load device in float32 (as ComfyUI's samplers keep them; the model
+casts to its compute dtype inside); the trained heads are float32 Parameters on the load device.
 """
 
 from __future__ import annotations
@@ -33,18 +40,19 @@ class DistillResult:
 
 def initial_heads(model_patcher, k: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
     """Official init: means = the base projection replicated K times (+ N(0, 0.05) bias per component and
-    channel), gates 0 (uniform), λ bias = ln of log-spaced γ in [0.2, 4]; norm = the base norm."""
+    channel), gates 0 (uniform), λ bias = ln of log-spaced γ in [0.2, 4]; norm = the base norm. float32 on the
+    CPU: attach_heads puts them on the load device."""
     model = model_patcher.model
     norm_path, proj_path, swap = arcflow_model._layout(model)
     proj, norm = model_patcher.get_model_object(proj_path), model_patcher.get_model_object(norm_path)
     cfg = model.model_config.unet_config
     p2, ch = cfg.get("patch_size", 2) ** 2, cfg.get("out_channels", 16)
     hidden = proj.in_features
-    w = proj.weight.detach().to("cpu", torch.float32)
-    b = proj.bias.detach().to("cpu", torch.float32) if proj.bias is not None else torch.zeros(w.shape[0])
+    w = _dense(proj.weight)
+    b = _dense(proj.bias) if proj.bias is not None else torch.zeros(w.shape[0])
     noise = 0.05 * torch.randn(k, ch, 1, generator=gen).expand(k, ch, p2).reshape(-1)
-    nw = norm.weight.detach().to("cpu", torch.float32)
-    nb = norm.bias.detach().to("cpu", torch.float32) if norm.bias is not None else None
+    nw = _dense(norm.weight)
+    nb = _dense(norm.bias) if norm.bias is not None else None
     if swap:  # stored in diffusers order, like a released adapter
         nw = torch.cat(nw.chunk(2, 0)[::-1], 0)
         nb = torch.cat(nb.chunk(2, 0)[::-1], 0) if nb is not None else None
@@ -60,6 +68,77 @@ def initial_heads(model_patcher, k: int, gen: torch.Generator) -> dict[str, torc
     if nb is not None:
         out["norm_out.linear.bias"] = nb
     return out
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """A float32 CPU copy of a weight, dequantising ComfyUI's quantized (mixed-precision) weights."""
+    t = t.detach()
+    if type(t).__name__ == "QuantizedTensor":  # ComfyUI's quantized weights (newer releases)
+        t = t.dequantize()
+    return t.to("cpu", torch.float32)
+
+
+def check_resolution(model_patcher, resolution: int) -> int:
+    """The pixel size must give whole patches of latent (VAE factor 8 × the model's patch)."""
+    patch = model_patcher.model.model_config.unet_config.get("patch_size", 2)
+    multiple = 8 * patch
+    if resolution < 2 * multiple or resolution % multiple:
+        lo = max(2 * multiple, resolution // multiple * multiple)
+        raise GlanceError(
+            f"ArcFlow Distiller: resolution {resolution} is not a multiple of {multiple} px (the VAE's 8 × the "
+            f"model's {patch}×{patch} patch) of at least {2 * multiple}: use {lo} or {lo + multiple}."
+        )
+    return resolution
+
+
+def draw(gen: torch.Generator, shape: tuple[int, ...], steps: int, intermediates: int) -> tuple[torch.Tensor, list]:
+    """One iteration's noise (float32, CPU: the same numbers for a seed on every device, as ComfyUI's noise)
+    and the fractions of each step where its intermediate states lie."""
+    noise = torch.randn(shape, generator=gen)
+    fractions = [
+        [0.05 + 0.95 * float(torch.rand((), generator=gen)) for _ in range(intermediates)] for _ in range(steps)
+    ]
+    return noise, fractions
+
+
+def iteration(
+    noise: torch.Tensor,
+    fractions: list[list[float]],
+    sched: list[float],
+    r: float,
+    device: torch.device,
+    teacher_velocity: Callable,
+    student_policy: Callable,
+    backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
+) -> list[torch.Tensor]:
+    """One distillation iteration (see the module doc): ``backward`` of each student step's loss as soon as it is
+    known (its graph is freed before the next step); returns the losses. ``teacher_velocity(x, σ)`` and
+    ``student_policy(x, σ, grad)`` evaluate the model."""
+    x = noise.to(device=device, dtype=torch.float32)
+    losses = []
+    for i, step_fractions in enumerate(fractions):
+        sa, sb = sched[i], sched[i + 1]
+        pol = [t.detach() for t in student_policy(x, sa, False)]
+        # Intermediate states and the teacher's velocity there (no gradients).
+        pairs = []
+        for u in step_fractions:
+            sc = sa - u * (sa - sb)
+            smid = sa - (1.0 - r) * (sa - sc)
+            xc = x - arcflow.displacement(*pol, sa, smid).to(x.dtype)
+            if smid > sc:  # the teacher's share of the way, in two Euler substeps
+                for s0, s1 in ((smid, (smid + sc) / 2), ((smid + sc) / 2, sc)):
+                    xc = xc + teacher_velocity(xc, s0) * (s1 - s0)
+            pairs.append((sa - sc, teacher_velocity(xc, sc)))
+        # The student's velocities there, with gradients (LoRA on while backward recomputes blocks).
+        means, logits, lam = student_policy(x, sa, True)
+        with torch.enable_grad():
+            loss = sum(
+                torch.nn.functional.mse_loss(arcflow.velocity(means, logits, lam, el), v) for el, v in pairs
+            ) / len(pairs)
+            backward(loss)
+        losses.append(loss)
+        x = (x - arcflow.displacement(*pol, sa, sb).to(x.dtype)).detach()
+    return losses
 
 
 @training.outside_inference_mode(grad=None)
@@ -89,14 +168,16 @@ def distill(
 
     if k < 2:
         raise GlanceError(f"ArcFlow needs at least 2 momentum components (got K = {k}).")
+    if not (math.isfinite(lr) and lr > 0):
+        raise GlanceError(f"ArcFlow Distiller: learning_rate must be a finite number > 0 (got {lr}); try 1e-3.")
     gen = torch.Generator().manual_seed(seed)
     student = model_patcher.clone()
     lora = training.TrainableLoRA(model_patcher, targets, rank, float(rank), gen)
     student.set_injections(f"arcflow_lora_{seed}", [pe.PatcherInjection(inject=lora.inject, eject=lora.eject)])
-    state = arcflow_model.attach_heads(student, initial_heads(model_patcher, k, gen), k, shift)
+    state = arcflow_model.attach_heads(student, initial_heads(model_patcher, k, gen), k, shift, trainable=True)
     heads, norm = student.attachments[arcflow_model.STATE_KEY + "_modules"]
-    head_params = [p.requires_grad_(True) for p in heads.parameters()]
-    norm_params = [p.requires_grad_(True) for p in norm.linear.parameters()]
+    head_params = list(heads.heads.parameters())
+    norm_params = list(norm.linear.parameters())
     gamma_params = [p for name, p in heads.named_parameters() if "loggamma" in name]
     other_heads = [p for p in head_params if all(p is not g for g in gamma_params)]
     params = lora.parameters() + head_params + norm_params
@@ -115,13 +196,13 @@ def distill(
     def call(x: torch.Tensor, sigma: float, teacher: bool, fn: Callable, cond) -> None:
         """One ComfyUI model evaluation of the patched model, in teacher or student mode."""
         pos, neg = cond
-        state.teacher_mode, lora.enabled = teacher, not teacher
+        state.teacher_mode, lora.enabled, state.record = teacher, not teacher, not teacher
         use_cfg = teacher and teacher_cfg != 1.0 and neg is not None
         guider.set_conds(pos, neg if use_cfg else [])
         guider.set_cfg(teacher_cfg if use_cfg else 1.0)
 
         def one(model_wrap, extra_args, latent):
-            s = torch.full((x.shape[0],), sigma, dtype=torch.float32)
+            s = torch.full((x.shape[0],), sigma, dtype=torch.float32, device=x.device)
             fn(model_wrap(x, s, **extra_args))
             return latent
 
@@ -144,52 +225,39 @@ def distill(
         out = {}
         with torch.enable_grad() if grad else torch.no_grad():
             call(x, sigma, False, lambda den: out.setdefault("p", state.policy(x)), cond)
+        state.raw = None
         return out["p"]
 
+    shape = (batch, *latent_shape[1:])
     try:
         for it in range(iterations):
             mm.throw_exception_if_processing_interrupted()
             cond = captions[it % len(captions)]
             r = max(0.0, 1.0 - it / max(1, iterations // 2))  # teacher share, 1 → 0 over the first half
-            x = torch.randn((batch, *latent_shape[1:]), generator=gen)
-            total = 0.0
-            for i in range(steps):
-                sa, sb = sched[i], sched[i + 1]
-                pol = [t.detach() for t in student_policy(x, sa, cond, grad=False)]
-                # Intermediate states and the teacher's velocity there (no gradients).
-                pairs = []
-                for _ in range(intermediates):
-                    u = 0.05 + 0.95 * float(torch.rand((), generator=gen))
-                    sc = sa - u * (sa - sb)
-                    smid = sa - (1.0 - r) * (sa - sc)
-                    xc = x - arcflow.displacement(*pol, sa, smid).to(x.dtype)
-                    if smid > sc:  # the teacher's share of the way, in two Euler substeps
-                        for s0, s1 in ((smid, (smid + sc) / 2), ((smid + sc) / 2, sc)):
-                            xc = xc + teacher_velocity(xc, s0, cond) * (s1 - s0)
-                    pairs.append((sa - sc, teacher_velocity(xc, sc, cond)))
-                # The student's velocities there, with gradients (LoRA on while backward recomputes blocks).
-                means, logits, lam = student_policy(x, sa, cond, grad=True)
-                with torch.enable_grad():
-                    loss = sum(
-                        torch.nn.functional.mse_loss(arcflow.velocity(means, logits, lam, el), v) for el, v in pairs
-                    ) / len(pairs)
-                    loss.backward()
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise GlanceError(
-                        f"ArcFlow distillation diverged at iteration {it + 1} (loss {value}): lower the "
-                        f"learning rate ({lr}). Nothing was saved."
-                    )
-                total += value
-                x = (x - arcflow.displacement(*pol, sa, sb).to(x.dtype)).detach()
+            noise, fractions = draw(gen, shape, steps, intermediates)
+            step_losses = iteration(
+                noise,
+                fractions,
+                sched,
+                r,
+                student.load_device,
+                lambda x, s, c=cond: teacher_velocity(x, s, c),
+                lambda x, s, grad, c=cond: student_policy(x, s, c, grad),
+            )
+            values = [float(v.detach()) for v in step_losses]
+            if not all(math.isfinite(v) for v in values):
+                raise GlanceError(
+                    f"ArcFlow distillation diverged at iteration {it + 1} (loss {values}): lower the "
+                    f"learning rate ({lr}). Nothing was saved."
+                )
             torch.nn.utils.clip_grad_norm_(params, 50.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            losses.append(total / steps)
+            losses.append(sum(values) / steps)
             if on_step:
                 on_step(it, losses[-1])
     finally:
-        state.teacher_mode, lora.enabled = False, True
+        state.teacher_mode, lora.enabled, state.record, state.raw = False, True, False, None
         for p in params:
             p.requires_grad_(False)
         opt.zero_grad(set_to_none=True)

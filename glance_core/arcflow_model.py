@@ -1,24 +1,29 @@
 """ArcFlow heads on a ComfyUI model, attached with ModelPatcher object patches (the base stays untouched).
 
-The released adapters (reference arcflow.md §5) replace the model's output projection with three
-heads on the final AdaLN-modulated hidden state: ``proj_out_means`` (K·p²·C), ``proj_out_logweights``
-(K·p²) and ``proj_out_loggamma`` ((K−1)·p²), plus a new ``norm_out.linear``, plus PEFT LoRA keys.
+The released adapters replace the model's output projection with three heads on the final AdaLN-modulated
+hidden state: ``proj_out_means`` (K·p²·C), ``proj_out_logweights`` (K·p²) and ``proj_out_loggamma``
+((K−1)·p²), plus a new ``norm_out.linear``, plus PEFT LoRA keys.
 
-How the patched model yields the policy:
+How the patched model yields the step:
 - the output projection (FLUX ``final_layer.linear``, Qwen-Image ``proj_out``) is replaced by
-  :class:`PolicyHeads`, which stores the raw head outputs in an :class:`ArcFlowState` and returns
-  zeros of the old shape (so ComfyUI's unpatchify code runs unchanged);
-- ``model_sampling`` is replaced by an ArcFlow sampling (flow, fixed shift 3.2) whose
-  ``calculate_denoised`` turns the stored policy into the *equivalent denoised* x̂0 = x − σ·ū, where
-  ū = D/Δ is the policy's mean velocity from σ to the next sigma of the run (an APPLY_MODEL wrapper
-  reads it from ``sample_sigmas``). A plain Euler step from σ then lands exactly where the closed form
-  does, so a stock KSampler/euler works; ArcFlowSampler applies the closed form D directly.
+  :class:`PolicyHeads`, which integrates the policy of each token in closed form and returns, in the base
+  projection's layout, the policy's mean velocity ū = D/Δ from this call's σ to the next sigma of the run
+  (an APPLY_MODEL wrapper reads both from the call and ``sample_sigmas``), or the instantaneous velocity
+  u(σ) when the call is not on the run's schedule. The model's own unpatchify then pads/crops odd sizes,
+  and ComfyUI mixes several conditionings, areas and masks as for any model;
+- any flow (CONST) ``model_sampling`` turns that velocity into x̂0 = x − σ·ū, so a plain Euler step from σ
+  lands exactly where the closed form does: KSampler/euler and ArcFlow Sampler give the same step, and a
+  ``ModelSampling*`` node placed after the loader only changes the shift of the schedule. The loader's own
+  ``model_sampling`` patch is a stock flow sampling with the adapter's fixed shift (3.2).
+- the heads and the new norm are ComfyUI cast-capable layers (``comfy.ops.manual_cast``): under partial
+  loading ComfyUI moves or casts their weights per call, like the base model's own layers.
 """
 
 from __future__ import annotations
 
+import math
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -26,66 +31,88 @@ from . import GlanceError, arcflow
 
 HEADS = ("proj_out_means", "proj_out_logweights", "proj_out_loggamma")
 STATE_KEY = "glance_arcflow"
+FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @dataclass
 class ArcFlowState:
+    """Per-model settings plus the context of the model call in progress (set and cleared by the wrapper)."""
+
     k: int
     channels: int
     patch: int
-    raw: tuple | None = None  # (means, logweights, loggammas) per token, float32
-    sigma_next: float | None = None
-    last_displacement: torch.Tensor | None = None
+    step: float | None = None  # Δ = σ − σ_next of the call in progress (None: off the run's schedule)
+    record: bool = False  # distillation: keep the raw policy of the call in ``raw``
+    raw: tuple | None = None  # (means, logweights, loggammas) per token, float32, only while ``record``
     evaluations: int = 0
     teacher_mode: bool = False  # distillation: the patched model acts as the frozen base model
-    extra: dict = field(default_factory=dict)
 
     def policy(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The stored policy in latent layout for input ``x`` ([B, C, H, W] or [B, C, T, H, W])."""
+        """The recorded policy in latent layout for input ``x`` ([B, C, H, W] or [B, C, T, H, W]); sizes that
+        are not a multiple of the patch are padded by the model, so the padding is cropped off here."""
         if self.raw is None:
-            raise GlanceError("No ArcFlow policy was computed: the heads did not run.")
+            raise GlanceError("No ArcFlow policy was recorded: the heads did not run.")
         means, logw, logg = self.raw
-        h, w = x.shape[-2] // self.patch, x.shape[-1] // self.patch
-        out = (
-            arcflow.unpack_tokens(means, self.k, self.channels, h, w, self.patch),
-            arcflow.unpack_tokens(logw, self.k, 1, h, w, self.patch),
-            arcflow.unpack_tokens(logg, self.k - 1, 1, h, w, self.patch),
+        hh, ww = x.shape[-2], x.shape[-1]
+        h, w = -(-hh // self.patch), -(-ww // self.patch)
+        out = tuple(
+            arcflow.unpack_tokens(t, n, c, h, w, self.patch).narrow(-2, 0, hh).narrow(-1, 0, ww)
+            for t, n, c in ((means, self.k, self.channels), (logw, self.k, 1), (logg, self.k - 1, 1))
         )
         if x.ndim == 5:  # Qwen-Image latents carry a time axis of length 1
             out = tuple(t.unsqueeze(3) for t in out)
         return out
 
 
+def _cast_linear(
+    weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, device=None, trainable: bool = False
+) -> torch.nn.Module:
+    """A ``comfy.ops.manual_cast.Linear`` holding these tensors: its weights are cast to the input's device and
+    dtype per call, so it works wherever ComfyUI's loader leaves it (lowvram offload, fp8 models)."""
+    import comfy.ops
+
+    lin = comfy.ops.manual_cast.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    lin.weight = torch.nn.Parameter(weight.detach().to(device=device, dtype=dtype).clone(), requires_grad=trainable)
+    lin.bias = (
+        None
+        if bias is None
+        else torch.nn.Parameter(bias.detach().to(device=device, dtype=dtype).clone(), requires_grad=trainable)
+    )
+    return lin
+
+
 class PolicyHeads(torch.nn.Module):
-    """Replaces the output projection: computes the three heads (float32) and stores them."""
+    """Replaces the output projection: the three heads, integrated per token (see the module doc)."""
 
     def __init__(
         self,
         sd: dict[str, torch.Tensor],
         out_features: int,
         state: ArcFlowState,
+        dtype: torch.dtype,
+        device=None,
         original: torch.nn.Module | None = None,
+        trainable: bool = False,
     ):
         super().__init__()
-        self.original = [original]  # the base projection, used in teacher mode (not a submodule)
-        self.heads = torch.nn.ModuleDict()
-        for name in HEADS:
-            w, b = sd[f"{name}.weight"], sd.get(f"{name}.bias")
-            lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=b is not None, dtype=torch.float32)
-            with torch.no_grad():
-                lin.weight.copy_(w.to(torch.float32))
-                if b is not None:
-                    lin.bias.copy_(b.to(torch.float32))
-            self.heads[name] = lin.requires_grad_(False)
+        self.heads = torch.nn.ModuleDict(
+            {n: _cast_linear(sd[f"{n}.weight"], sd.get(f"{n}.bias"), dtype, device, trainable) for n in HEADS}
+        )
+        # The base projection, for teacher mode (distillation): a submodule, so ComfyUI loads it with the rest.
+        self.original = original
         self.out_features = out_features
         self.state = state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.state.teacher_mode:
-            return self.original[0](x)
-        xf = x.to(torch.float32)
-        self.state.raw = tuple(self.heads[n](xf) for n in HEADS)
-        return x.new_zeros(*x.shape[:-1], self.out_features)
+        state = self.state
+        if state.teacher_mode:
+            return self.original(x)
+        # float32 input: the manual-cast heads then run in float32, as the official pipeline integrates.
+        raw = tuple(self.heads[n](x.to(torch.float32)) for n in HEADS)
+        if state.record:
+            state.raw = raw
+        state.evaluations += 1
+        return arcflow.token_velocity(*raw, state.k, state.channels, state.patch, state.step)
 
     def state_dict_adapter(self) -> dict[str, torch.Tensor]:
         return {
@@ -114,6 +141,7 @@ def split_adapter(sd: dict[str, torch.Tensor]) -> tuple[dict, dict]:
 
 def check_heads(model_patcher, full: dict[str, torch.Tensor], name: str) -> int:
     """Validate the full tensors against the model; returns K. Errors name the tensor and both shapes."""
+    refuse_arcflow_model(model_patcher, "ArcFlow Adapter Loader")
     model = model_patcher.model
     norm_path, proj_path, _ = _layout(model)
     # get_model_object: the base modules even while another clone has its object patches applied
@@ -150,23 +178,57 @@ def check_heads(model_patcher, full: dict[str, torch.Tensor], name: str) -> int:
 
 
 class SwitchNorm(torch.nn.Module):
-    """The adapter's ``norm_out.linear``; the base model's own in teacher mode (distillation)."""
+    """The adapter's ``norm_out.linear`` (cast-capable); the base model's own in teacher mode (distillation)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, original: torch.nn.Module, state: ArcFlowState):
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        state: ArcFlowState,
+        dtype: torch.dtype,
+        device=None,
+        original: torch.nn.Module | None = None,
+        trainable: bool = False,
+    ):
         super().__init__()
-        self.linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
-        with torch.no_grad():
-            self.linear.weight.copy_(weight)
-            if bias is not None:
-                self.linear.bias.copy_(bias)
-        self.linear.requires_grad_(False)
-        self.original = [original]  # a list: not a submodule (it belongs to the base model)
+        self.linear = _cast_linear(weight, bias, dtype, device, trainable)
+        self.original = original  # a submodule only when distilling (teacher mode)
         self.state = state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.state.teacher_mode:
-            return self.original[0](x)
-        return self.linear(x.to(self.linear.weight.dtype)).to(x.dtype)
+            return self.original(x)
+        return self.linear(x)
+
+
+def compute_dtype(model) -> torch.dtype:
+    """The dtype the model computes in (fp8 / quantized storage computes in its manual-cast dtype)."""
+    dtype = getattr(model, "manual_cast_dtype", None) or model.get_dtype()
+    return dtype if dtype in FLOATS else torch.float32
+
+
+#: No trained adapter tensor comes near this (weights and biases are O(1)); beyond it the result is garbage.
+IMPLAUSIBLE = 1e6
+
+
+def check_finite(sd: dict[str, torch.Tensor], name: str) -> None:
+    """Refuse an adapter with NaN/inf or absurd values anywhere: it would sample a black or noise image."""
+    for key in sorted(sd):
+        t = sd[key]
+        if not t.is_floating_point() or t.device.type == "meta" or t.numel() == 0:
+            continue
+        if not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise GlanceError(
+                f"{name}: tensor {key!r} holds {bad} NaN/inf value(s) of {t.numel()}: the file is corrupt or was "
+                f"saved from a diverged run. Download the adapter again, or distil a new one."
+            )
+        peak = float(t.abs().max())
+        if peak > IMPLAUSIBLE:
+            raise GlanceError(
+                f"{name}: tensor {key!r} holds a value of {peak:.3g}, far beyond any trained adapter (|v| ≤ "
+                f"{IMPLAUSIBLE:.0e}): the file is corrupt. Download the adapter again, or distil a new one."
+            )
 
 
 def apply_arcflow(
@@ -175,8 +237,14 @@ def apply_arcflow(
     """A clone of ``model_patcher`` with the adapter's LoRA merged and its heads attached."""
     from . import experts
 
+    for label, value in (("strength", strength), ("shift", shift)):
+        if not math.isfinite(float(value)):
+            raise GlanceError(f"ArcFlow Adapter Loader: {label} must be a finite number (got {value}).")
+    if not float(shift) > 0:
+        raise GlanceError(f"ArcFlow Adapter Loader: shift must be > 0 (got {shift}); the adapters use 3.2.")
     lora, full = split_adapter(adapter)
     k = check_heads(model_patcher, full, name)
+    check_finite(adapter, name)
     m = model_patcher.clone()
     if lora:
         if experts.is_flux(model_patcher.model):
@@ -186,33 +254,37 @@ def apply_arcflow(
     return m
 
 
-def attach_heads(m, full: dict[str, torch.Tensor], k: int, shift: float) -> ArcFlowState:
+def attach_heads(m, full: dict[str, torch.Tensor], k: int, shift: float, trainable: bool = False) -> ArcFlowState:
     """Object-patch the heads, the norm and the sampling onto patcher ``m`` (in place); returns the state.
 
-    ``full`` holds ``norm_out.linear.*`` (diffusers order) and the three heads' tensors.
+    ``full`` holds ``norm_out.linear.*`` (diffusers order) and the three heads' tensors. For inference the
+    weights are kept in the model's compute dtype where they are (ComfyUI moves or casts them on load).
+    ``trainable`` (distillation): float32 Parameters on the load device, and the base projection and norm
+    kept as submodules for teacher mode.
     """
     import comfy.patcher_extension as pe
 
     model = m.model
     norm_path, proj_path, swap = _layout(model)
     norm = m.get_model_object(norm_path)
+    proj = m.get_model_object(proj_path)
     w, b = full["norm_out.linear.weight"], full.get("norm_out.linear.bias")
     if swap:
         w = torch.cat(w.chunk(2, 0)[::-1], 0)
         b = torch.cat(b.chunk(2, 0)[::-1], 0) if b is not None else None
     cfg = model.model_config.unet_config
     state = ArcFlowState(k=k, channels=cfg.get("out_channels", 16), patch=cfg.get("patch_size", 2))
-    dtype = (
-        torch.float32 if norm.weight.dtype not in (torch.float32, torch.bfloat16, torch.float16) else norm.weight.dtype
-    )
-    new_norm = SwitchNorm(w.to(dtype), None if b is None else b.to(dtype), norm, state)
-    proj = m.get_model_object(proj_path)
-    heads = PolicyHeads(full, proj.out_features, state, original=proj)
+    if trainable:
+        dtype, device, norm_orig, proj_orig = torch.float32, m.load_device, norm, proj
+    else:
+        dtype, device, norm_orig, proj_orig = compute_dtype(model), None, None, None
+    new_norm = SwitchNorm(w, b, state, dtype, device, norm_orig, trainable)
+    heads = PolicyHeads(full, proj.out_features, state, dtype, device, proj_orig, trainable)
     m.add_object_patch(norm_path, new_norm)
     m.add_object_patch(proj_path, heads)
-    m.add_object_patch("model_sampling", arcflow_sampling(model.model_config, state, shift))
+    m.add_object_patch("model_sampling", flow_sampling(model.model_config, shift))
     key = f"{STATE_KEY}_{uuid.uuid4().hex[:8]}"
-    m.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, key, _next_sigma_wrapper(state))
+    m.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, key, _call_wrapper(state))
     m.set_attachments(STATE_KEY, state)
     m.set_attachments(STATE_KEY + "_modules", (heads, new_norm))
     return state
@@ -234,42 +306,56 @@ def export_heads(m) -> dict[str, torch.Tensor]:
     return out
 
 
-def arcflow_sampling(model_config, state: ArcFlowState, shift: float):
-    """Flow sampling with a fixed shift (σ = sτ/(1+(s−1)τ), model fed σ) that decodes the policy."""
+def flow_sampling(model_config, shift: float):
+    """Stock flow sampling with a fixed shift (σ = sτ/(1+(s−1)τ), the model fed σ), as ModelSamplingAuraFlow."""
     import comfy.model_sampling as ms
 
     class ArcFlowSampling(ms.ModelSamplingDiscreteFlow, ms.CONST):
-        def calculate_denoised(self, sigma, model_output, model_input):
-            if state.teacher_mode:
-                return super().calculate_denoised(sigma, model_output, model_input)
-            s = sigma.reshape(-1)
-            if float(s.max() - s.min()) > 1e-6:
-                raise GlanceError("ArcFlow evaluates one sigma per model call; this call mixes several.")
-            sa = float(s[0])
-            means, logw, logg = state.policy(model_input)
-            state.evaluations += 1
-            if state.sigma_next is None or state.sigma_next >= sa:
-                u = arcflow.velocity(means, logw, logg, 0.0)  # no step known: the instantaneous velocity
-                state.last_displacement = None
-            else:
-                d = arcflow.displacement(means, logw, logg, sa, state.sigma_next)
-                state.last_displacement = d
-                u = d / (sa - state.sigma_next)
-            return model_input - u.to(model_input.dtype) * sa
+        pass
 
     sampling = ArcFlowSampling(model_config)
     sampling.set_parameters(shift=shift, multiplier=1.0)
     return sampling
 
 
-def _next_sigma_wrapper(state: ArcFlowState):
+def _call_wrapper(state: ArcFlowState):
+    """APPLY_MODEL wrapper: tells the heads this call's step, and refuses what would give a silent wrong image."""
+
     def wrapper(executor, x, t, *args, **kwargs):
-        opts = args[3] if len(args) > 3 else kwargs.get("transformer_options", {})
-        state.sigma_next = next_sigma(opts.get("sample_sigmas"), float(t.reshape(-1)[0]))
-        try:
+        import comfy.model_sampling as ms
+
+        if state.teacher_mode:
             return executor(x, t, *args, **kwargs)
+        sampling = getattr(executor.class_obj, "model_sampling", None)
+        if not isinstance(sampling, ms.CONST):
+            kind = next(
+                (c.__name__ for c in type(sampling).__mro__ if c.__module__ == ms.__name__ and c.__name__.isupper()),
+                type(sampling).__name__,
+            )
+            raise GlanceError(
+                f"ArcFlow models predict a flow velocity, but a node after the ArcFlow loader set a non-flow "
+                f"sampling ({kind} prediction, e.g. ModelSamplingDiscrete): use a flow ModelSampling "
+                f"(ModelSamplingAuraFlow / SD3 / Flux) or none after the loader."
+            )
+        s = t.reshape(-1)
+        sigma = float(s[0])
+        if float(s.max() - s.min()) > 1e-6:
+            raise GlanceError("ArcFlow evaluates one sigma per model call; this call mixes several.")
+        opts = args[3] if len(args) > 3 else kwargs.get("transformer_options", {})
+        nxt = next_sigma(opts.get("sample_sigmas"), sigma)
+        state.step = sigma - nxt if nxt is not None and nxt < sigma else None
+        try:
+            out = executor(x, t, *args, **kwargs)
         finally:
-            state.sigma_next = None
+            state.step = None
+        if not state.record and not bool(torch.isfinite(out).all()):  # distillation checks its own loss
+            where = f"the step σ {sigma:.4g} → {nxt:.4g}" if nxt is not None else f"σ {sigma:.4g}"
+            raise GlanceError(
+                f"ArcFlow: the model's output at {where} is not finite (NaN/inf). Likely cause: the adapter's "
+                f"log-γ or means are too large for this model (a corrupt or mismatched adapter, or a diverged "
+                f"distillation), or fp16 overflow. Use the adapter made for this model, or load it in bf16/fp32."
+            )
+        return out
 
     return wrapper
 
@@ -283,6 +369,15 @@ def next_sigma(sample_sigmas, sigma: float) -> float | None:
         if abs(v - sigma) <= 1e-6 * max(1.0, abs(v)):
             return values[i + 1]
     return None
+
+
+def refuse_arcflow_model(model_patcher, node: str) -> None:
+    """The heads replace the base projection: a second adapter (or distillation) needs the base model."""
+    if state_of(model_patcher) is not None:
+        raise GlanceError(
+            f"{node}: this model already has ArcFlow heads (from ArcFlow Adapter Loader or Distiller). Connect the "
+            f"base model (the loader's input) instead."
+        )
 
 
 def state_of(model_patcher) -> ArcFlowState | None:

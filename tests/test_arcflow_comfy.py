@@ -65,6 +65,7 @@ def test_each_step_is_the_closed_form_of_the_policy(comfy_nodes, glance, tiny, a
     am = importlib.import_module(glance.__name__ + ".glance_core.arcflow_model")
     arch, model, arc_model = arc
     state = am.state_of(arc_model)
+    state.record = True  # keep each call's raw policy
     pos, latent = tiny.conditioning(arch, 1), tiny.latent(arch)
     sig = torch.tensor([1.0, 0.7619, 0.0])
     seen = []
@@ -82,7 +83,11 @@ def test_each_step_is_the_closed_form_of_the_policy(comfy_nodes, glance, tiny, a
     guider.set_conds(pos, [])
     guider.set_cfg(1.0)
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(0))
-    guider.sample(noise, latent, comfy.samplers.KSAMPLER(glance.nodes.arcflow.sample_arcflow), sig, disable_pbar=True)
+    try:
+        arc_sampler = comfy.samplers.KSAMPLER(glance.nodes.arcflow.sample_arcflow)
+        guider.sample(noise, latent, arc_sampler, sig, disable_pbar=True)
+    finally:
+        state.record = False
     (x0, raw0), (x1, _) = seen
     state.raw = raw0
     d = arcflow.displacement(*state.policy(x0), 1.0, 0.7619)
