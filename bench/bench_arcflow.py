@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     two = torch.tensor([1.0, 0.7619, 0.0])
     ms = model.get_model_object("model_sampling")
     fifty = torch.tensor([ms.percent_to_sigma(i / 50) for i in range(50)] + [0.0])
-    arc_sampler = comfy.samplers.KSAMPLER(pack.nodes.arcflow.sample_arcflow)
+    arc_sampler = comfy.samplers.KSAMPLER(pack.glance_core.arcflow_sampler.sample)
     euler = comfy.samplers.sampler_object("euler")
 
     def run(m, sampler, sigmas, cfg_scale, negative):

@@ -21,6 +21,7 @@ projection, so the model's own unpatchify (padding, cropping, several conditioni
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -68,6 +69,27 @@ def velocity(means: torch.Tensor, logits: torch.Tensor, loggammas: torch.Tensor,
 def mean_velocity(means, logits, loggammas, sigma_a: float, sigma_b: float, elapsed: float = 0.0) -> torch.Tensor:
     """ū = D / Δ: the constant velocity whose Euler step from σ_a lands where the policy does at σ_b."""
     return displacement(means, logits, loggammas, sigma_a, sigma_b, elapsed) / (float(sigma_a) - float(sigma_b))
+
+
+@dataclass(frozen=True)
+class ArcFlowPolicy:
+    """π(x, σ) of one model evaluation at σ_src: the K momentum components of every pixel (ComfyUI layout, see
+    the module doc). The velocity and the displacement of any sub-interval follow in closed form."""
+
+    means: torch.Tensor  # [B, K, C, *S]
+    logits: torch.Tensor  # [B, K, 1, *S]
+    loggammas: torch.Tensor  # [B, K−1, 1, *S]
+
+    def velocity(self, elapsed: float) -> torch.Tensor:
+        """u(σ) at σ = σ_src − ``elapsed``."""
+        return velocity(self.means, self.logits, self.loggammas, elapsed)
+
+    def displacement(self, sigma_a: float, sigma_b: float, elapsed: float = 0.0) -> torch.Tensor:
+        """D with x(σ_b) = x(σ_a) − D, σ_a lying ``elapsed`` below σ_src."""
+        return displacement(self.means, self.logits, self.loggammas, sigma_a, sigma_b, elapsed)
+
+    def detach(self) -> ArcFlowPolicy:
+        return ArcFlowPolicy(self.means.detach(), self.logits.detach(), self.loggammas.detach())
 
 
 def schedule(steps: int, shift: float = 3.2) -> list[float]:

@@ -118,26 +118,24 @@ def iteration(
     losses = []
     for i, step_fractions in enumerate(fractions):
         sa, sb = sched[i], sched[i + 1]
-        pol = [t.detach() for t in student_policy(x, sa, False)]
+        pol = student_policy(x, sa, False).detach()
         # Intermediate states and the teacher's velocity there (no gradients).
         pairs = []
         for u in step_fractions:
             sc = sa - u * (sa - sb)
             smid = sa - (1.0 - r) * (sa - sc)
-            xc = x - arcflow.displacement(*pol, sa, smid).to(x.dtype)
+            xc = x - pol.displacement(sa, smid).to(x.dtype)
             if smid > sc:  # the teacher's share of the way, in two Euler substeps
                 for s0, s1 in ((smid, (smid + sc) / 2), ((smid + sc) / 2, sc)):
                     xc = xc + teacher_velocity(xc, s0) * (s1 - s0)
             pairs.append((sa - sc, teacher_velocity(xc, sc)))
         # The student's velocities there, with gradients (LoRA on while backward recomputes blocks).
-        means, logits, lam = student_policy(x, sa, True)
+        student = student_policy(x, sa, True)
         with torch.enable_grad():
-            loss = sum(
-                torch.nn.functional.mse_loss(arcflow.velocity(means, logits, lam, el), v) for el, v in pairs
-            ) / len(pairs)
+            loss = sum(torch.nn.functional.mse_loss(student.velocity(el), v) for el, v in pairs) / len(pairs)
             backward(loss)
         losses.append(loss)
-        x = (x - arcflow.displacement(*pol, sa, sb).to(x.dtype)).detach()
+        x = (x - pol.displacement(sa, sb).to(x.dtype)).detach()
     return losses
 
 

@@ -47,7 +47,7 @@ class ArcFlowState:
     evaluations: int = 0
     teacher_mode: bool = False  # distillation: the patched model acts as the frozen base model
 
-    def policy(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def policy(self, x: torch.Tensor) -> arcflow.ArcFlowPolicy:
         """The recorded policy in latent layout for input ``x`` ([B, C, H, W] or [B, C, T, H, W]); sizes that
         are not a multiple of the patch are padded by the model, so the padding is cropped off here."""
         if self.raw is None:
@@ -61,7 +61,7 @@ class ArcFlowState:
         )
         if x.ndim == 5:  # Qwen-Image latents carry a time axis of length 1
             out = tuple(t.unsqueeze(3) for t in out)
-        return out
+        return arcflow.ArcFlowPolicy(*out)
 
 
 def _cast_linear(

@@ -8,11 +8,9 @@ import math
 import comfy.samplers
 import comfy.utils
 import folder_paths
-import torch
 from comfy_api.latest import io
-from tqdm.auto import trange
 
-from ..glance_core import GlanceError, arcflow_distill, arcflow_model, lora_files, training
+from ..glance_core import GlanceError, arcflow_distill, arcflow_model, arcflow_sampler, lora_files, training
 from ..glance_core.plots import loss_curve
 from . import trainer
 from .common import CATEGORY, caption_inputs, guidance_inputs, require_flow_model, save_inputs
@@ -69,67 +67,6 @@ class ArcFlowLoader(io.ComfyNode):
         return io.NodeOutput(arcflow_model.apply_arcflow(model, sd, adapter, strength, shift))
 
 
-def describe_sigmas(values: list[float]) -> str:
-    """A short account of a sigma list: count, first and last few, and where it stops descending."""
-    fmt = lambda vs: ", ".join(f"{v:.4g}" for v in vs)  # noqa: E731
-    shown = fmt(values) if len(values) <= 8 else f"{fmt(values[:4])}, …, {fmt(values[-3:])}"
-    text = f"{len(values)} sigmas [{shown}]"
-    for i, (a, b) in enumerate(zip(values, values[1:])):
-        if not (math.isfinite(a) and math.isfinite(b) and b < a):
-            return f"{text}; they stop descending at index {i + 1} ({a:.6g} → {b:.6g})"
-    bad = [i for i, v in enumerate(values) if not math.isfinite(v) or v < 0]
-    return f"{text}; value {bad[0]} is {values[bad[0]]}" if bad else text
-
-
-def check_sigmas(sigmas) -> list[float]:
-    values = [float(s) for s in sigmas]
-    if (
-        len(values) < 2
-        or any(not (math.isfinite(v) and v >= 0) for v in values)
-        or any(not b < a for a, b in zip(values, values[1:]))
-    ):
-        raise GlanceError(
-            f"ArcFlow Sampler needs at least 2 finite, non-negative, strictly descending sigmas; got "
-            f"{describe_sigmas(values)}. Use BasicScheduler 'simple' with 2 steps on the ArcFlow model as it is."
-        )
-    return values
-
-
-@torch.no_grad()
-def sample_arcflow(model, x, sigmas, extra_args=None, callback=None, disable=None):
-    """Each step evaluates the model once. The ArcFlow model returns x̂0 = x − σ_i·ū, where ū = D/Δ is the
-    closed-form mean velocity of its momentum policy from σ_i to σ_{i+1}, so x ← x − D is the step
-    x + (x − x̂0)/σ_i · (σ_{i+1} − σ_i): the displacement comes from the model call itself."""
-    extra_args = {} if extra_args is None else extra_args
-    guider = model.inner_model
-    state = arcflow_model.state_of(getattr(guider, "model_patcher", None))
-    if state is None:
-        raise GlanceError(
-            "ArcFlow Sampler needs a model with ArcFlow heads: load an adapter with ArcFlow Adapter Loader, or "
-            "distil one with ArcFlow Distiller (its model output), and connect that model to the guider."
-        )
-    cfg = float(getattr(guider, "cfg", 1.0))
-    if cfg != 1.0:
-        raise GlanceError(
-            f"ArcFlow adapters distilled the guidance in: use cfg 1 (got {cfg}). With CFGGuider set cfg "
-            f"to 1, or use BasicGuider; for FLUX keep FluxGuidance 3.5."
-        )
-    values = check_sigmas(sigmas)
-    s_in = x.new_ones([x.shape[0]])
-    for i in trange(len(sigmas) - 1, disable=disable):
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
-        x = x + (x - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
-        if not bool(torch.isfinite(x).all()):
-            raise GlanceError(
-                f"ArcFlow Sampler: step {i + 1} (σ {values[i]:.4g} → {values[i + 1]:.4g}) gave non-finite values "
-                f"(NaN/inf). Likely cause: an adapter whose log-γ or means overflow on this model (corrupt or "
-                f"made for another model), or fp16 overflow: use the matching adapter, or load the model in bf16."
-            )
-    return x
-
-
 class ArcFlowSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -148,7 +85,7 @@ class ArcFlowSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls) -> io.NodeOutput:
-        return io.NodeOutput(comfy.samplers.KSAMPLER(sample_arcflow))
+        return io.NodeOutput(comfy.samplers.KSAMPLER(arcflow_sampler.sample))
 
 
 class ArcFlowDistiller(io.ComfyNode):

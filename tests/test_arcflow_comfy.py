@@ -61,7 +61,6 @@ def test_each_step_is_the_closed_form_of_the_policy(comfy_nodes, glance, tiny, a
 
     import comfy.samplers
 
-    arcflow = importlib.import_module(glance.__name__ + ".glance_core.arcflow")
     am = importlib.import_module(glance.__name__ + ".glance_core.arcflow_model")
     arch, model, arc_model = arc
     state = am.state_of(arc_model)
@@ -84,13 +83,13 @@ def test_each_step_is_the_closed_form_of_the_policy(comfy_nodes, glance, tiny, a
     guider.set_cfg(1.0)
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(0))
     try:
-        arc_sampler = comfy.samplers.KSAMPLER(glance.nodes.arcflow.sample_arcflow)
+        arc_sampler = comfy.samplers.KSAMPLER(glance.glance_core.arcflow_sampler.sample)
         guider.sample(noise, latent, arc_sampler, sig, disable_pbar=True)
     finally:
         state.record = False
     (x0, raw0), (x1, _) = seen
     state.raw = raw0
-    d = arcflow.displacement(*state.policy(x0), 1.0, 0.7619)
+    d = state.policy(x0).displacement(1.0, 0.7619)
     assert torch.allclose(x1, x0 - d, atol=1e-6)
     assert state.evaluations >= 2
 

@@ -101,7 +101,7 @@ def test_odd_latent_sizes(comfy_nodes, glance, tiny, loras_dir, arch):
     import comfy.patcher_extension as pe
     import comfy.samplers
 
-    arcflow, am = _mod(glance, "arcflow"), _mod(glance, "arcflow_model")
+    am = _mod(glance, "arcflow_model")
     state = am.state_of(arc)
     seen = []
 
@@ -118,13 +118,13 @@ def test_odd_latent_sizes(comfy_nodes, glance, tiny, loras_dir, arch):
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(0))
     state.record = True
     try:
-        arc_sampler = comfy.samplers.KSAMPLER(glance.nodes.arcflow.sample_arcflow)
+        arc_sampler = comfy.samplers.KSAMPLER(glance.glance_core.arcflow_sampler.sample)
         guider.sample(noise, latent, arc_sampler, torch.tensor([1.0, 0.7619, 0.0]), disable_pbar=True)
     finally:
         state.record = False
     (x0, raw0), (x1, _) = seen
     state.raw = raw0
-    d = arcflow.displacement(*state.policy(x0), 1.0, 0.7619)
+    d = state.policy(x0).displacement(1.0, 0.7619)
     state.raw = None
     assert d.shape == x0.shape
     assert torch.allclose(x1, x0 - d, atol=1e-5)
@@ -231,7 +231,7 @@ def _fake_params(mode, module: torch.nn.Module, device: torch.device) -> None:
 def test_heads_norm_and_step_on_cuda_inputs(comfy_nodes, glance, tiny, arch):
     """The heads and the norm keep their weights where the file put them (CPU) until ComfyUI moves or casts them;
     on "cuda" activations every tensor they and the closed form create must follow the input."""
-    am, arcflow = _mod(glance, "arcflow_model"), _mod(glance, "arcflow")
+    am = _mod(glance, "arcflow_model")
     model = tiny.build(arch, 0)
     m = model.clone()
     full = {k: v for k, v in tiny.arcflow_adapter(arch, 3).items() if "lora" not in k}
@@ -250,7 +250,7 @@ def test_heads_norm_and_step_on_cuda_inputs(comfy_nodes, glance, tiny, arch):
         out = heads(x)
         assert out.device.type == "cuda" and out.shape == (2, 64, 16 * 4)
         lat = torch.empty((2, 16, 16, 16) if arch == "flux" else (2, 16, 1, 16, 16), device="cuda")
-        d = arcflow.displacement(*state.policy(lat), 1.0, 0.7619)
+        d = state.policy(lat).displacement(1.0, 0.7619)
         assert d.device.type == "cuda" and d.shape == lat.shape
     state.record, state.raw, state.step = False, None, None
 
