@@ -389,9 +389,9 @@ def tiny_prompt(api: dict, size: int = 256) -> dict:
 
 
 def _arcflow_targets(arch: str) -> str:
-    from glance_core.training import TARGETS
+    from glance_core.architectures import ARCHITECTURES
 
-    return TARGETS[arch]["arcflow"]
+    return ARCHITECTURES[arch].targets["arcflow"]
 
 
 def arcflow_adapter(

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import GlanceError
+from . import GlanceError, architectures
 
 log = logging.getLogger("comfyui-glance")
 
@@ -200,9 +200,9 @@ def check_finite(lora_sd: dict[str, torch.Tensor], name: str) -> None:
 
 
 def is_flux(model) -> bool:
-    import comfy.model_base
-
-    return isinstance(model, comfy.model_base.Flux)
+    """Kept for the ArcFlow loader until it reads the table."""
+    arch = architectures.find(model)
+    return arch is not None and arch.name == "flux"
 
 
 def parse_lora(model_patcher, lora_sd: dict[str, torch.Tensor], name: str) -> dict:

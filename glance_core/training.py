@@ -40,33 +40,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import GlanceError
+from . import GlanceError, architectures
 
 log = logging.getLogger("comfyui-glance")
 
-# Target layers (diffusers names, as the official recipe names them: reference glance.md §3.2).
-TARGETS: dict[str, dict[str, str]] = {
-    "flux": {
-        "official": r"(transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0)"
-        r"|single_transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v))",
-        "attention": r"(transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj"
-        r"|to_add_out)|single_transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v))",
-        "all_linear": r"(single_)?transformer_blocks\..*",
-        # ArcFlow's LoRA targets (reference arcflow.md §4.3).
-        "arcflow": r"transformer_blocks\.\d+\.(ff|ff_context)\.net\.(0\.proj|2)"
-        r"|single_transformer_blocks\.\d+\.(proj_mlp|proj_out)|time_text_embed\.timestep_embedder\.linear_[12]",
-    },
-    "qwen_image": {
-        "official": r"transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj|to_out\.0"
-        r"|to_add_out)|img_mlp\.net\.2|txt_mlp\.net\.2|img_mod\.1|txt_mod\.1)",
-        "attention": r"transformer_blocks\.\d+\.attn\..*",
-        "all_linear": r"transformer_blocks\..*",
-        "arcflow": r"transformer_blocks\.\d+\.(img_mlp|txt_mlp)\.net\.(0\.proj|2)"
-        r"|time_text_embed\.timestep_embedder\.linear_[12]",
-    },
-}
-#: Official hyper-parameters per architecture: rank, alpha, learning rate (glance.md §3.2).
-OFFICIAL = {"flux": (16, 64.0, 5e-4), "qwen_image": (32, 128.0, 3e-4)}
+#: Kept for bench/bench_fidelity.py until it reads the table: (rank, alpha, lr) per family.
+OFFICIAL = {a.name: (a.rank, a.alpha, a.learning_rate) for a in architectures.ARCHITECTURES.values()}
 
 
 def outside_inference_mode(grad: bool | None):
@@ -116,14 +95,8 @@ def _linear_like(module: torch.nn.Module) -> bool:
 
 
 def architecture(model_patcher) -> str:
-    import comfy.model_base
-
-    m = model_patcher.model
-    if isinstance(m, comfy.model_base.QwenImage):
-        return "qwen_image"
-    if isinstance(m, comfy.model_base.Flux):
-        return "flux"
-    raise GlanceError(f"The trainer supports FLUX and Qwen-Image models; the connected model is {type(m).__name__}.")
+    """The family name (kept for the ArcFlow distiller node until it reads the table)."""
+    return architectures.of(model_patcher, "The trainer").name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,10 +123,10 @@ class TrainableLoRA:
     def __init__(self, model_patcher, targets: str, rank: int, alpha: float, generator: torch.Generator | None):
         import comfy.lora
 
-        arch = architecture(model_patcher)
-        pattern = TARGETS[arch].get(targets)
+        arch = architectures.of(model_patcher, "The trainer")
+        pattern = arch.targets.get(targets)
         if pattern is None:
-            raise GlanceError(f"Unknown target layers {targets!r}; choose one of {sorted(TARGETS[arch])}.")
+            raise GlanceError(f"Unknown target layers {targets!r}; choose one of {sorted(arch.targets)}.")
         key_map = comfy.lora.model_lora_keys_unet(model_patcher.model, {})
         model = model_patcher.model
         device = model_patcher.load_device

@@ -11,12 +11,11 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..glance_core import GlanceError, experts, schedules, training
+from ..glance_core import GlanceError, architectures, experts, schedules, training
 from ..glance_core.plots import loss_curve
 from .common import CATEGORY, caption_inputs, guidance_inputs, require_flow_model, save_inputs
 
 log = logging.getLogger("comfyui-glance")
-PRESET_FOR = {"flux": "glance_flux", "qwen_image": "glance_qwen_image"}
 OBJECTIVES = ["official", "trajectory"]
 EXPERTS = ["both", "slow", "fast"]
 TARGET_PRESETS = ["official", "attention", "all_linear"]
@@ -341,17 +340,16 @@ class OneShotTrainer(io.ComfyNode):
         if not positive:
             raise GlanceError("positive is an empty conditioning: connect the caption's text encoder output.")
         ms = require_flow_model(model, "Glance One-Shot Trainer")
-        arch = training.architecture(model)
-        r0, _, lr0 = training.OFFICIAL[arch]
-        rank = rank or r0
+        arch = architectures.of(model, "The Glance One-Shot Trainer")
+        rank = rank or arch.rank
         alpha = alpha or 4.0 * rank
-        lr = learning_rate or lr0
+        lr = learning_rate or arch.learning_rate
         if sigmas is not None:
             sig = [float(s) for s in sigmas]
             schedules.validate_sigmas(sig)
             sched = schedules.SlowFastSchedule(tuple(sig), sum(1 for s in sig[:-1] if s >= boundary_sigma))
         else:
-            sched = schedules.preset(PRESET_FOR[arch])
+            sched = schedules.preset(arch.preset)
         k = sched.slow_steps
         s = list(sched.sigmas)
         jobs = {
@@ -387,8 +385,8 @@ class OneShotTrainer(io.ComfyNode):
                 x0 = vae.encode(img[:, :, :, :3]).detach()
             cfg = 1.0
         pos_list = caption_list(positive, clip, captions)
-        if objective == "official" and arch == "flux":  # the released FLUX script feeds guidance 1.0 in training
-            pos_list = [[[t, {**d, "guidance": 1.0}] for t, d in c] for c in pos_list]
+        if objective == "official" and arch.train_guidance is not None:  # as the released training script feeds it
+            pos_list = [[[t, {**d, "guidance": arch.train_guidance}] for t, d in c] for c in pos_list]
 
         total = len(wanted) * steps
         trajectories = None
@@ -432,7 +430,7 @@ class OneShotTrainer(io.ComfyNode):
                 batch=batch,
                 x0=x0,
                 trajectories=trajectories,
-                weight_decay=0.01 if arch == "flux" else 0.0,
+                weight_decay=arch.weight_decay,
                 student_mix=student_mix if objective == "trajectory" else 0.0,
                 on_step=on_step,
             )
@@ -444,7 +442,7 @@ class OneShotTrainer(io.ComfyNode):
                     path,
                     results[e].state_dict,
                     training.metadata_for(
-                        arch,
+                        arch.name,
                         e,
                         objective,
                         rank,
@@ -466,7 +464,7 @@ class OneShotTrainer(io.ComfyNode):
         phase_model = experts.apply_phase_lora(model, built.get("slow"), built.get("fast"), sched.boundary)
         curve = loss_curve(
             {f"{e} expert": r.losses for e, r in results.items()},
-            title=f"Glance {objective} training ({arch})" + (f" — {note}" if note else ""),
+            title=f"Glance {objective} training ({arch.name})" + (f" — {note}" if note else ""),
         )
         return io.NodeOutput(
             results["slow"].state_dict if "slow" in results else {},
