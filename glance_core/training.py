@@ -30,7 +30,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import time
 import types
@@ -40,7 +39,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import GlanceError, architectures
+from . import GlanceError, architectures, lora_layer
+from .lora_layer import TrainableLoRA, random_normal
 
 log = logging.getLogger("comfyui-glance")
 
@@ -84,131 +84,9 @@ def training_mode():
         mm.in_training = previous
 
 
-def _linear_like(module: torch.nn.Module) -> bool:
-    """A Linear layer in any of ComfyUI's op classes: ``torch.nn.Linear`` subclasses and the mixed-precision /
-    quantized ``Linear`` of newer releases, which is a plain ``Module`` with the same features and ``weight``."""
-    if isinstance(module, torch.nn.Linear):
-        return True
-    return all(isinstance(getattr(module, a, None), int) for a in ("in_features", "out_features")) and (
-        getattr(module, "weight", None) is not None
-    )
-
-
 def architecture(model_patcher) -> str:
     """The family name (kept for the ArcFlow distiller node until it reads the table)."""
     return architectures.of(model_patcher, "The trainer").name
-
-
-# ---------------------------------------------------------------------------------------------
-# Trainable LoRA applied by forward hooks
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class _Target:
-    name: str  # diffusers name, e.g. transformer_blocks.0.attn.to_q
-    module: str  # ComfyUI module, e.g. diffusion_model.double_blocks.0.img_attn.qkv
-    row: int
-    rows: int
-    A: torch.Tensor
-    B: torch.Tensor
-
-
-class TrainableLoRA:
-    """LoRA factors on the model's Linear layers, trained in fp32 and applied by forward hooks.
-
-    Initialisation as PEFT's ``gaussian``: A ~ N(0, 1/rank), B = 0 (the model starts unchanged). The factors
-    are drawn on the CPU generator (same seed → same LoRA on any device) and live on the model's load device,
-    where ComfyUI runs the layers.
-    """
-
-    def __init__(self, model_patcher, targets: str, rank: int, alpha: float, generator: torch.Generator | None):
-        import comfy.lora
-
-        arch = architectures.of(model_patcher, "The trainer")
-        pattern = arch.targets.get(targets)
-        if pattern is None:
-            raise GlanceError(f"Unknown target layers {targets!r}; choose one of {sorted(arch.targets)}.")
-        key_map = comfy.lora.model_lora_keys_unet(model_patcher.model, {})
-        model = model_patcher.model
-        device = model_patcher.load_device
-        self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
-        self.targets: list[_Target] = []
-        skipped: list[str] = []
-        for key in sorted(key_map):
-            if not key.startswith("transformer.") or not re.fullmatch(pattern, key[len("transformer.") :]):
-                continue
-            target = key_map[key]
-            weight_key, offset = (target, None) if isinstance(target, str) else (target[0], target[1])
-            module_name = weight_key.rpartition(".")[0]
-            module = model.get_submodule(module_name)
-            if not _linear_like(module):
-                skipped.append(f"{module_name} ({type(module).__module__}.{type(module).__qualname__})")
-                continue
-            row, rows = (offset[1], offset[2]) if offset else (0, module.out_features)
-            a = random_normal((rank, module.in_features), generator, device) / rank
-            b = torch.zeros(rows, rank, device=device)
-            self.targets.append(
-                _Target(
-                    key[len("transformer.") :], module_name, row, rows, a.requires_grad_(True), b.requires_grad_(True)
-                )
-            )
-        if not self.targets:
-            if skipped:
-                raise GlanceError(
-                    f"The {targets!r} target layers of this model are not Linear layers the trainer can hook "
-                    f"(e.g. {skipped[0]}). Load the model with a standard weight_dtype in the diffusion model loader."
-                )
-            raise GlanceError(f"No layer of this model matches the {targets!r} target preset.")
-        self.by_module: dict[str, list[_Target]] = {}
-        for t in self.targets:
-            self.by_module.setdefault(t.module, []).append(t)
-        self.enabled = False
-        self._handles: list = []
-
-    def parameters(self) -> list[torch.Tensor]:
-        return [p for t in self.targets for p in (t.A, t.B)]
-
-    def inject(self, patcher) -> None:
-        self.eject()
-        for name in self.by_module:
-            self._handles.append(patcher.model.get_submodule(name).register_forward_hook(self._hook(name)))
-
-    def eject(self, patcher=None) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-    def _hook(self, name: str):
-        targets = self.by_module[name]
-
-        def hook(module, args, out):
-            if not self.enabled:
-                return None
-            x = args[0]
-            pieces = []
-            for t in targets:
-                delta = torch.nn.functional.linear(
-                    torch.nn.functional.linear(x, t.A.to(x.dtype)), (t.B * self.scale).to(x.dtype)
-                )
-                pieces.append((t.row, delta))
-            if len(pieces) == 1 and pieces[0][0] == 0 and pieces[0][1].shape[-1] == out.shape[-1]:
-                return out + pieces[0][1]
-            full = torch.zeros_like(out)
-            for row, delta in pieces:
-                full = full.index_add(-1, torch.arange(row, row + delta.shape[-1], device=out.device), delta)
-            return out + full
-
-        return hook
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """diffusers/PEFT layout with alpha/rank folded into lora_B (strength 1.0 = as trained)."""
-        sd = {}
-        for t in self.targets:
-            # On the CPU, like a LoRA file ComfyUI loads: the outputs are saved and wired to loaders.
-            sd[f"transformer.{t.name}.lora_A.weight"] = t.A.detach().to("cpu", torch.float32, copy=True).contiguous()
-            sd[f"transformer.{t.name}.lora_B.weight"] = (
-                (t.B.detach() * self.scale).to("cpu", torch.float32).contiguous()
-            )
-        return sd
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,21 +275,9 @@ def block_patches(model_patcher, params: list[torch.Tensor]) -> None:
             model_patcher.set_model_patch_replace(_checkpoint_patch(params, block), "dit", kind, i)
 
 
-def _on_generator(gen: torch.Generator | None, device) -> bool:
-    return gen is None or gen.device.type == torch.device(device).type
-
-
-def random_normal(shape: tuple[int, ...], gen: torch.Generator | None, device) -> torch.Tensor:
-    """N(0, 1) values on ``device``: drawn where the generator lives, then moved. A CPU generator gives the same
-    values on every device (as ComfyUI's own noise); ``None`` draws on ``device`` with its default generator."""
-    if _on_generator(gen, device):
-        return torch.randn(shape, generator=gen, device=device)
-    return torch.randn(shape, generator=gen, device=gen.device).to(device)
-
-
 def _draw(n: int, batch: int, gen: torch.Generator | None, device) -> torch.Tensor:
     """``min(batch, n)`` random indices below ``n`` on ``device`` (where they index); see :func:`random_normal`."""
-    if _on_generator(gen, device):
+    if lora_layer._on_generator(gen, device):
         return torch.randint(n, (min(batch, n),), generator=gen, device=device)
     return torch.randint(n, (min(batch, n),), generator=gen, device=gen.device).to(device)
 

@@ -347,7 +347,8 @@ class OneShotTrainer(io.ComfyNode):
         if sigmas is not None:
             sig = [float(s) for s in sigmas]
             schedules.validate_sigmas(sig)
-            sched = schedules.SlowFastSchedule(tuple(sig), sum(1 for s in sig[:-1] if s >= boundary_sigma))
+            slow = sum(1 for s in sig[:-1] if experts.expert_for(s, boundary_sigma) == "slow")
+            sched = schedules.SlowFastSchedule(tuple(sig), slow)
         else:
             sched = schedules.preset(arch.preset)
         k = sched.slow_steps

@@ -134,7 +134,7 @@ def test_training_step_hot_path_stays_on_a_cuda_load_device(comfy_nodes, tiny, t
             mod = patcher.model.get_submodule(name)
             x = torch.randn(1, 8, mod.in_features, device="cuda", dtype=torch.bfloat16)
             out = torch.randn(1, 8, mod.out_features, device="cuda", dtype=torch.bfloat16)
-            y = lora._hook(name)(mod, (x,), out)
+            y = lora.layers.hook_for(name)(mod, (x,), out)
             assert y.device.type == "cuda" and y.dtype == torch.bfloat16
             outs.append(y.float().mean())
         latent = torch.randn(1, 16, 4, 4, device="cuda")
