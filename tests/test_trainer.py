@@ -62,8 +62,6 @@ def train_official(training, model, tiny, x0, job, steps: int):
         job,
         objective="official",
         positive=tiny.conditioning("flux", 1),
-        negative=None,
-        cfg=1.0,
         rank=4,
         alpha=4.0,
         lr=2e-3,
@@ -373,27 +371,26 @@ def test_student_rollout_mixing(comfy_nodes, glance, tiny):
     import comfy.samplers
 
     training = importlib.import_module(glance.__name__ + ".glance_core.training")
+    rollouts = importlib.import_module(glance.__name__ + ".glance_core.rollouts")
     with torch.inference_mode():
         model = tiny.build("flux", 0)
     pos = training.clone_conditioning(tiny.conditioning("flux", 1))
     ms = model.get_model_object("model_sampling")
-    grid = training.fine_grid(ms.percent_to_sigma, 50, FLUX)
-    traj = training.teacher_trajectories(model, [(pos, None)], 1.0, 4, 0, (1, 16, 4, 4), grid, FLUX)
+    grid = rollouts.fine_grid(ms.percent_to_sigma, 50, FLUX)
+    traj = rollouts.teacher_trajectories(model, [(pos, None)], 1.0, 4, 0, (1, 16, 4, 4), grid, FLUX)
     states = traj["captions"][0]["states"]
     guider = comfy.samplers.CFGGuider(model)
     guider.set_conds(pos, [])
     guider.set_cfg(1.0)
     seg = [g for g in grid if FLUX[6] <= g <= FLUX[5]]
     with torch.inference_mode(False), torch.no_grad():
-        x = training._euler(guider, states[FLUX[5]], seg, 0)
+        x = rollouts.euler(guider, states[FLUX[5]], seg, 0)
     assert torch.allclose(x, states[FLUX[6]], atol=1e-4 * float(states[FLUX[6]].abs().max()))
 
     job = training.ExpertJob("fast", FLUX[5:10], FLUX[6:11])
     kw = dict(
         objective="trajectory",
         positive=pos,
-        negative=None,
-        cfg=1.0,
         rank=4,
         alpha=4.0,
         lr=1e-3,
