@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 
 import comfy.utils
@@ -14,10 +13,11 @@ from ..glance_core import GlanceError, oneshot
 from ..glance_core.oneshot import caption_list, latent_shape, save_paths  # noqa: F401
 from .common import CATEGORY, caption_inputs, guidance_inputs, require_flow_model, save_inputs
 
-log = logging.getLogger("comfyui-glance")
 OBJECTIVES = ["official", "trajectory"]
 EXPERTS = ["both", "slow", "fast"]
 TARGET_PRESETS = ["official", "attention", "all_linear"]
+#: The integer inputs' minima (as the schema declares them).
+MINIMA = {"steps": 1, "rank": 0, "batch": 1, "resolution": 32, "noises": 1, "teacher_steps": 4}
 
 
 def progress_text(text: str, node_id: str | None) -> None:
@@ -226,46 +226,16 @@ class OneShotTrainer(io.ComfyNode):
         )
 
     @classmethod
-    def execute(
-        cls,
-        model,
-        positive,
-        objective: str,
-        expert: str,
-        steps: int,
-        rank: int,
-        alpha: float,
-        learning_rate: float,
-        seed: int,
-        target_layers: str,
-        batch: int,
-        resolution: int,
-        image=None,
-        vae=None,
-        sigmas=None,
-        boundary_sigma: float = 0.9,
-        negative=None,
-        cfg: float = 1.0,
-        noises: int = 8,
-        teacher_steps: int = 50,
-        student_mix: float = 0.0,
-        clip=None,
-        captions: str = "",
-        save_name: str = "",
-        overwrite: bool = False,
-    ) -> io.NodeOutput:
+    def execute(cls, model, positive, **inputs) -> io.NodeOutput:
+        """``inputs``: the schema's inputs by name (optional ones only when connected; ``oneshot.train`` has the
+        defaults)."""
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
         # Every input is checked before any work (encoding, rollouts, training).
-        check_choice("objective", objective, OBJECTIVES)
-        check_choice("expert", expert, EXPERTS)
-        check_choice("target_layers", target_layers, TARGET_PRESETS)
-        check_finite(
-            learning_rate=learning_rate, alpha=alpha, boundary_sigma=boundary_sigma, cfg=cfg, student_mix=student_mix
-        )
-        check_at_least(
-            steps=(steps, 1), rank=(rank, 0), batch=(batch, 1), resolution=(resolution, 32), noises=(noises, 1),
-            teacher_steps=(teacher_steps, 4),
-        )  # fmt: skip
+        check_choice("objective", inputs["objective"], OBJECTIVES)
+        check_choice("expert", inputs["expert"], EXPERTS)
+        check_choice("target_layers", inputs["target_layers"], TARGET_PRESETS)
+        check_finite(**{k: inputs.get(k) for k in ("learning_rate", "alpha", "boundary_sigma", "cfg", "student_mix")})
+        check_at_least(**{k: (inputs[k], low) for k, low in MINIMA.items() if k in inputs})
         require_flow_model(model, "Glance One-Shot Trainer")
         pbar: list = []
 
@@ -276,32 +246,5 @@ class OneShotTrainer(io.ComfyNode):
             if text:
                 progress_text(text, node_id)
 
-        res = oneshot.train(
-            model,
-            positive,
-            objective=objective,
-            expert=expert,
-            steps=steps,
-            rank=rank,
-            alpha=alpha,
-            learning_rate=learning_rate,
-            seed=seed,
-            target_layers=target_layers,
-            batch=batch,
-            resolution=resolution,
-            image=image,
-            vae=vae,
-            sigmas=sigmas,
-            boundary_sigma=boundary_sigma,
-            negative=negative,
-            cfg=cfg,
-            noises=noises,
-            teacher_steps=teacher_steps,
-            student_mix=student_mix,
-            clip=clip,
-            captions=captions,
-            save_name=save_name,
-            overwrite=overwrite,
-            progress=progress,
-        )
+        res = oneshot.train(model, positive, **inputs, progress=progress)
         return io.NodeOutput(res.slow, res.fast, res.model, res.curve)
