@@ -12,8 +12,9 @@ Two objectives:
 
 Mechanism (why): the factors are an adapter of ``lora_layer.LoRALayers``, the same forward hooks as the
 inference experts, so there is no module surgery on the shared model and the trained factors are used exactly
-as they are later loaded. Every step runs through ``CFGGuider.sample`` with a one-step Sampler, so conditioning
-processing, model loading, wrappers and CFG are ComfyUI's own; gradients pass ComfyUI's in-place blocks through
+as they are later loaded. The whole run is ONE ``CFGGuider.sample`` call whose Sampler runs the loop and points
+the processed conditioning at each step's caption (as core's trainer does), so conditioning processing, model
+loading, wrappers and CFG are ComfyUI's own and happen once; gradients pass ComfyUI's in-place blocks through
 ``checkpoint``.
 """
 
@@ -33,7 +34,7 @@ from . import GlanceError, architectures, lora_layer
 from .checkpoint import _outside_blocks, block_patches, normal_weights, outside_inference_mode, training_mode
 from .lora_layer import TrainableLoRA, random_normal
 from .lora_save import save_lora_atomic  # noqa: F401
-from .rollouts import euler, fine_grid, teacher_trajectories  # noqa: F401
+from .rollouts import euler_steps, fine_grid, teacher_trajectories  # noqa: F401
 
 #: Kept for bench/bench_fidelity.py until it reads the table: (rank, alpha, lr) per family.
 OFFICIAL = {a.name: (a.rank, a.alpha, a.learning_rate) for a in architectures.ARCHITECTURES.values()}
@@ -72,11 +73,11 @@ def _sampler_class() -> type:
     import comfy.samplers
 
     class OneStepSampler(comfy.samplers.Sampler):
-        """A ComfyUI Sampler whose ``sample`` runs ``fn`` (one optimisation step) with the guider as the model.
-        One instance serves a whole run; ``fn`` is set per step."""
+        """A ComfyUI Sampler whose ``sample`` runs ``fn`` with the guider as the model: one step (the ArcFlow
+        distiller) or a whole training loop (:func:`train_expert`)."""
 
-        def __init__(self, fn: Callable | None = None):
-            self.fn = fn
+        def __init__(self, fn: Callable | None = None, swap: bool = True):
+            self.fn, self.swap = fn, swap
 
         def sample(
             self,
@@ -89,7 +90,7 @@ def _sampler_class() -> type:
             denoise_mask=None,
             disable_pbar=False,
         ):
-            if not torch.is_grad_enabled():
+            if not torch.is_grad_enabled() or not self.swap:
                 return self.fn(model_wrap, extra_args, latent_image)
             # The blocks swap their own weights while backward recomputes them (block checkpoint).
             with normal_weights(_outside_blocks(model_wrap.inner_model.diffusion_model)):
@@ -98,9 +99,10 @@ def _sampler_class() -> type:
     return OneStepSampler
 
 
-def one_step_sampler(fn: Callable | None = None):
-    """A ComfyUI Sampler running ``fn(model_wrap, extra_args, latent)`` once per ``guider.sample``."""
-    return _sampler_class()(fn)
+def one_step_sampler(fn: Callable | None = None, swap: bool = True):
+    """A ComfyUI Sampler running ``fn(model_wrap, extra_args, latent)`` once per ``guider.sample``; ``swap``: with
+    the weights outside the blocks swapped for normal tensors (off when ``fn`` swaps per step itself)."""
+    return _sampler_class()(fn, swap)
 
 
 class _OneStep:
@@ -189,19 +191,32 @@ def train_expert(
     guider = comfy.samplers.CFGGuider(student)
     losses: list[float] = []
     drawn: list[float] = []
-    dummy_sigmas = torch.tensor([1.0, 0.0])
-    sampler = one_step_sampler()
 
+    # Every step's conditioning is processed once, up front: the guider gets all of them as ONE positive list
+    # and each step points the processed list at its own entries (as core's trainer does).
     if objective == "official":
         images = images or ([(x0, positive)] if x0 is not None else [])
         if not images:
             raise GlanceError("The official objective trains on an image: connect an IMAGE and a VAE.")
-        guider.set_cfg(1.0)
+        if len({tuple(lat.shape) for lat, _ in images}) > 1:
+            raise GlanceError("The training images must share one size: resize or crop them to the same size.")
+        sources = [pos for _, pos in images]
+        negative, cfg = [], 1.0
+        latent = torch.cat([lat for lat, _ in images])
     elif objective == "trajectory":
         if not trajectories:
             raise GlanceError("The trajectory objective needs teacher trajectories.")
+        caps = trajectories["captions"]
+        sources = [c["positive"] for c in caps]
+        negative, cfg = caps[0]["negative"] or [], caps[0]["cfg"]  # one negative and CFG for all captions
+        latent = torch.zeros_like(next(iter(caps[0]["states"].values()))[:1])
     else:
         raise GlanceError(f"Unknown objective {objective!r}: choose 'official' or 'trajectory'.")
+    bounds = [0]
+    for src in sources:
+        bounds.append(bounds[-1] + len(src))
+    guider.set_conds([entry for src in sources for entry in src], negative)
+    guider.set_cfg(cfg)
 
     def velocity(model_wrap, extra_args, x, sigma):
         s = torch.full((x.shape[0],), sigma, dtype=torch.float32, device=x.device)
@@ -223,18 +238,15 @@ def train_expert(
         opt.zero_grad(set_to_none=True)
         losses.append(value)
 
-    step = 0
-
-    def official_step(model_wrap, extra_args, latent):
+    def official_step(model_wrap, extra_args, latent: torch.Tensor, step: int) -> None:
         i = int(torch.randint(len(job.sigmas), (1,), generator=gen))
         sigma = job.sigmas[i]
         drawn.append(sigma)
         xt, target = official_pair(latent, sigma, batch, gen)
         v = velocity(model_wrap, extra_args, xt.to(latent.dtype), sigma)
         finish(torch.nn.functional.mse_loss(v.float(), target), step)
-        return latent
 
-    def trajectory_step(model_wrap, extra_args, latent, data):
+    def trajectory_step(model_wrap, extra_args, data: dict, step: int) -> None:
         i = int(torch.randint(len(job.sigmas), (1,), generator=gen))
         s0, s1 = job.sigmas[i], job.next_sigmas[i]
         drawn.append(s0)
@@ -247,50 +259,62 @@ def train_expert(
             x, target = trajectory_pair(data["states"], s0, s1, batch, gen)
         v = velocity(model_wrap, extra_args, x, s0)
         finish(torch.nn.functional.mse_loss(v.float(), target.float()), step)
-        return latent
 
-    def student_pairs(data) -> None:
+    def student_pairs(model_wrap, extra_args, data: dict) -> None:
         """Roll the current student from the teacher's state at the expert's first sigma through the expert's
         steps; from each student state, the teacher's fine rollout to the next sigma gives the target."""
         grid = trajectories["grid"]
         x = data["states"][job.sigmas[0]]
         pairs = {}
-        for s0, s1 in zip(job.sigmas, job.next_sigmas):
-            fine = [g for g in grid if s1 <= g <= s0]
-            with torch.no_grad():
+        with torch.no_grad():
+            for s0, s1 in zip(job.sigmas, job.next_sigmas):
+                fine = torch.tensor([g for g in grid if s1 <= g <= s0], dtype=torch.float32, device=x.device)
                 lora.enabled = False
-                xt = euler(guider, x, fine, seed)
+                xt = euler_steps(model_wrap, x, fine, extra_args).to(torch.float32)
                 lora.enabled = True
                 pairs[s0] = (x, (x - xt) / (s0 - s1))
-                x = euler(guider, x, [s0, s1], seed)
+                x = euler_steps(model_wrap, x, fine[[0, -1]], extra_args).to(torch.float32)
         data["student_pairs"] = pairs
 
-    lora.enabled = True
     refresh = max(1, steps // 8)
-    try:
+
+    def loop(model_wrap, extra_args, latent_in: torch.Tensor) -> None:
+        """The whole run inside ONE sampling call: the model is loaded, patched and hooked once."""
         for step in range(steps):
             mm.throw_exception_if_processing_interrupted()
-            if objective == "trajectory" and student_mix > 0 and step >= steps // 2 and step % refresh == 0:
-                cap = trajectories["captions"][step % len(trajectories["captions"])]
-                guider.set_conds(cap["positive"], cap["negative"] or [])
-                guider.set_cfg(cap["cfg"])
-                student_pairs(cap)
-            if objective == "official":
-                fn = official_step
-                latent, pos = images[step % len(images)]
-                guider.set_conds(pos, [])
-                noise = torch.zeros_like(latent)
-            else:
-                data = trajectories["captions"][step % len(trajectories["captions"])]
-                guider.set_conds(data["positive"], data["negative"] or [])
-                guider.set_cfg(data["cfg"])
-                latent = torch.zeros_like(next(iter(data["states"].values()))[:1])
-                noise = latent
-                fn = lambda mw, ea, lat, _d=data: trajectory_step(mw, ea, lat, _d)  # noqa: E731
-            sampler.fn = fn
-            guider.sample(noise, latent, sampler, dummy_sigmas, disable_pbar=True, seed=seed)
+            k = step % len(sources)
+            model_wrap.conds["positive"] = positives[bounds[k] : bounds[k + 1]]
+            with normal_weights(_outside_blocks(model_wrap.inner_model.diffusion_model)):
+                if objective == "official":
+                    official_step(model_wrap, extra_args, latent_in[k : k + 1], step)
+                else:
+                    data = caps[k]
+                    if student_mix > 0 and step >= steps // 2 and step % refresh == 0:
+                        student_pairs(model_wrap, extra_args, data)
+                    trajectory_step(model_wrap, extra_args, data, step)
             if on_step:
                 on_step(step, losses[-1])
+
+    positives: list = []
+
+    def run(model_wrap, extra_args, latent_in):
+        positives[:] = model_wrap.conds["positive"]  # the processed entries, in the order given
+        try:
+            loop(model_wrap, extra_args, latent_in)
+        finally:
+            model_wrap.conds["positive"] = list(positives)
+        return latent_in
+
+    lora.enabled = True
+    try:
+        guider.sample(
+            torch.zeros_like(latent),
+            latent,
+            one_step_sampler(run, swap=False),
+            torch.tensor([1.0, 0.0]),
+            disable_pbar=True,
+            seed=seed,
+        )
     finally:
         lora.enabled = False
         opt.zero_grad(set_to_none=True)

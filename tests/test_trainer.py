@@ -423,3 +423,36 @@ def test_official_flux_training_uses_guidance_one(comfy_nodes, tiny, flux, photo
     pos = tiny.conditioning("flux", 1, guidance=3.5)
     train(comfy_nodes, m, pos, image=photo, vae=vae, expert="slow", steps=3)
     assert seen and set(seen) == {1.0}
+
+
+def test_each_training_step_sees_its_own_caption(comfy_nodes, glance, tiny):
+    """The whole run is one sampling call with every caption's conditioning processed once: step k still trains
+    on caption k mod n (not on the first caption only)."""
+    import importlib
+
+    import comfy.patcher_extension as pe
+
+    training = importlib.import_module(glance.__name__ + ".glance_core.training")
+    rollouts = importlib.import_module(glance.__name__ + ".glance_core.rollouts")
+    with torch.inference_mode():
+        model = tiny.build("flux", 0)
+    caps = [training.clone_conditioning(tiny.conditioning("flux", 10 + i)) for i in range(3)]
+    grid = rollouts.fine_grid(model.get_model_object("model_sampling").percent_to_sigma, 12, FLUX)
+    traj = rollouts.teacher_trajectories(model, [(c, None) for c in caps], 1.0, 2, 0, (1, 16, 4, 4), grid, FLUX)
+    seen = []
+
+    def spy(executor, x, t, *args, **kwargs):
+        context = args[1] if len(args) > 1 else kwargs["c_crossattn"]  # apply_model(x, t, c_concat, c_crossattn…)
+        seen.append(context[0].detach().clone())
+        return executor(x, t, *args, **kwargs)
+
+    m = model.clone()
+    m.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, "test_spy", spy)
+    job = training.ExpertJob("fast", FLUX[5:10], FLUX[6:11])
+    training.train_expert(
+        m, job, objective="trajectory", positive=caps[0], rank=2, alpha=2.0, lr=1e-3, steps=6, seed=0,
+        targets="official", batch=2, trajectories=traj,
+    )  # fmt: skip
+    assert len(seen) == 6
+    for k, ctx in enumerate(seen):
+        assert torch.equal(ctx, caps[k % 3][0][0][0].to(ctx)), f"step {k} did not see caption {k % 3}"
