@@ -39,8 +39,8 @@ class ModuleDelta:
 
     ``parts`` are the low-rank pieces on the layer (e.g. q, k, v of a fused qkv), each
     (first output row relative to ``row_start``, A [r, in], B [rows_i, r], scale) with A and B the
-    file's own tensors; the stacked device copy is ``down`` [R, in] and a block ``up`` [rows, R]
-    pre-scaled by strength·alpha/rank. ``dense`` [rows, in] and ``bias`` [rows] hold non-low-rank
+    file's own tensors (or the trainer's factors); the stacked device copy is ``down`` [R, in] and a
+    block ``up`` [rows, R] pre-scaled by strength·alpha/rank. ``dense`` [rows, in] and ``bias`` [rows] hold non-low-rank
     deltas in float32 on the CPU. Device copies live in ``_cache`` until ``release``. A ``trainable`` delta's
     factors change every step and carry autograd, so its copies are rebuilt per call and never cached.
     """
@@ -195,6 +195,13 @@ def random_normal(shape: tuple[int, ...], gen: torch.Generator | None, device) -
     if _on_generator(gen, device):
         return torch.randn(shape, generator=gen, device=device)
     return torch.randn(shape, generator=gen, device=gen.device).to(device)
+
+
+def random_indices(n: int, batch: int, gen: torch.Generator | None, device) -> torch.Tensor:
+    """``min(batch, n)`` random indices below ``n`` on ``device`` (where they index); see :func:`random_normal`."""
+    if _on_generator(gen, device):
+        return torch.randint(n, (min(batch, n),), generator=gen, device=device)
+    return torch.randint(n, (min(batch, n),), generator=gen, device=gen.device).to(device)
 
 
 @dataclass

@@ -30,9 +30,9 @@ import torch
 
 # save_lora_atomic, fine_grid and teacher_trajectories are also imported for the ArcFlow distiller and the
 # teacher's scripts, which read them from here until they import the new modules.
-from . import GlanceError, architectures, lora_layer
+from . import GlanceError, architectures
 from .checkpoint import _outside_blocks, block_patches, normal_weights, outside_inference_mode, training_mode
-from .lora_layer import TrainableLoRA, random_normal
+from .lora_layer import TrainableLoRA, random_indices, random_normal
 from .lora_save import save_lora_atomic  # noqa: F401
 from .rollouts import euler_steps, fine_grid, teacher_trajectories  # noqa: F401
 
@@ -121,13 +121,6 @@ def clone_conditioning(cond):
     return out
 
 
-def _draw(n: int, batch: int, gen: torch.Generator | None, device) -> torch.Tensor:
-    """``min(batch, n)`` random indices below ``n`` on ``device`` (where they index); see :func:`random_normal`."""
-    if lora_layer._on_generator(gen, device):
-        return torch.randint(n, (min(batch, n),), generator=gen, device=device)
-    return torch.randint(n, (min(batch, n),), generator=gen, device=gen.device).to(device)
-
-
 def official_pair(
     latent: torch.Tensor, sigma: float, batch: int, gen: torch.Generator | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,7 +136,7 @@ def trajectory_pair(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher states at ``s0`` and the average velocity to ``s1`` (the trajectory target), on the states'
     device."""
-    idx = _draw(states[s0].shape[0], batch, gen, states[s0].device)
+    idx = random_indices(states[s0].shape[0], batch, gen, states[s0].device)
     x = states[s0].index_select(0, idx)
     return x, (x - states[s1].index_select(0, idx)) / (s0 - s1)
 
@@ -253,7 +246,7 @@ def train_expert(
         own = data.get("student_pairs", {}).get(s0)
         if own is not None and float(torch.rand((), generator=gen)) < student_mix:
             states, targets = own  # the student's own states, with the teacher's average velocity from there
-            idx = _draw(states.shape[0], batch, gen, states.device)
+            idx = random_indices(states.shape[0], batch, gen, states.device)
             x, target = states.index_select(0, idx), targets.index_select(0, idx)
         else:
             x, target = trajectory_pair(data["states"], s0, s1, batch, gen)

@@ -246,6 +246,7 @@ def test_gradients_through_inplace_blocks_match_finite_differences(comfy_nodes, 
     import comfy.samplers
 
     training = importlib.import_module(glance.__name__ + ".glance_core.training")
+    checkpoint = importlib.import_module(glance.__name__ + ".glance_core.checkpoint")
     model = tiny.build("flux", 0)
     gen = torch.Generator().manual_seed(0)
     lora = training.TrainableLoRA(model, "official", 2, 2.0, gen)
@@ -253,7 +254,7 @@ def test_gradients_through_inplace_blocks_match_finite_differences(comfy_nodes, 
         t.B.data.normal_(0, 0.1, generator=gen)
     student = model.clone()
     student.set_injections("t", [pe.PatcherInjection(inject=lora.inject, eject=lora.eject)])
-    training.block_patches(student, lora.parameters())
+    checkpoint.block_patches(student, lora.parameters())
     guider = comfy.samplers.CFGGuider(student)
     guider.set_conds(tiny.conditioning("flux", 1), [])
     guider.set_cfg(1.0)
@@ -271,7 +272,7 @@ def test_gradients_through_inplace_blocks_match_finite_differences(comfy_nodes, 
             guider.sample(
                 torch.zeros_like(x),
                 torch.zeros_like(x),
-                training._OneStep(loss_fn).sampler,
+                training.one_step_sampler(loss_fn),
                 torch.tensor([1.0, 0.0]),
                 disable_pbar=True,
                 seed=0,
@@ -279,7 +280,7 @@ def test_gradients_through_inplace_blocks_match_finite_differences(comfy_nodes, 
         return losses[-1]
 
     lora.enabled = True
-    with training.training_mode():
+    with checkpoint.training_mode():
         loss(True).backward()
     for t in (lora.targets[0], lora.targets[-1]):  # first double block and last single block
         direction = torch.randn(t.A.shape, generator=gen)
