@@ -196,6 +196,8 @@ def train(
         grid = rollouts.fine_grid(ms.percent_to_sigma, teacher_steps, s)
         total += len(pos_list) * (len(grid) - 1)
     done = [0]
+    if progress:
+        progress(0, total, None)
 
     def tick(text: str | None = None) -> None:
         done[0] += 1
