@@ -229,9 +229,9 @@ def main(argv: list[str] | None = None) -> dict:
     flips = 20000
     t = time.perf_counter()
     for i in range(flips):
-        phase.active = phase.select(torch.tensor([0.95 if i % 2 else 0.5]))
+        phase.layers.set_adapter(phase.select(torch.tensor([0.95 if i % 2 else 0.5])))
     gate = (time.perf_counter() - t) / flips
-    phase.active = None
+    phase.layers.set_adapter(None)
     mm.unload_all_models()
 
     med = {k: statistics.median(v) for k, v in times.items()}

@@ -59,8 +59,6 @@ def _worker(args) -> dict:
                 job,
                 objective="official",
                 positive=training.clone_conditioning(pos),
-                negative=None,
-                cfg=1.0,
                 rank=args.rank,
                 alpha=float(args.rank),
                 lr=5e-4,

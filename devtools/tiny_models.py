@@ -227,7 +227,7 @@ def diffusers_linear_shapes(arch: str, config: dict | None = None) -> dict[str, 
 def glance_lora(
     arch: str, seed: int, rank: int = 4, std: float = 0.5, config: dict | None = None
 ) -> dict[str, torch.Tensor]:
-    """An official-Glance-layout LoRA (reference glance.md §4): ``transformer.`` prefix, diffusers
+    """An official-Glance-layout LoRA (as the released Glance files): ``transformer.`` prefix, diffusers
     names, ``lora.down/up`` on attention projections and ``lora_A/lora_B`` elsewhere, no alpha."""
     cfg = config or CONFIGS[arch]
     shapes = diffusers_linear_shapes(arch, cfg)
@@ -389,9 +389,9 @@ def tiny_prompt(api: dict, size: int = 256) -> dict:
 
 
 def _arcflow_targets(arch: str) -> str:
-    from glance_core.training import TARGETS
+    from glance_core.architectures import ARCHITECTURES
 
-    return TARGETS[arch]["arcflow"]
+    return ARCHITECTURES[arch].targets["arcflow"]
 
 
 def arcflow_adapter(
@@ -403,7 +403,7 @@ def arcflow_adapter(
     config: dict | None = None,
     shapes_only: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """An adapter in the released ArcFlow layout (reference arcflow.md §5): unprefixed PEFT LoRA keys on the
+    """An adapter in the released ArcFlow layout (as the released adapters): unprefixed PEFT LoRA keys on the
     official targets, plus full ``norm_out.linear`` and the three heads, at this model size.
     ``shapes_only`` gives meta tensors (for full-size layout checks without the memory)."""
     import re

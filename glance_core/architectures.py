@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import GlanceError
+from . import GlanceError, schedules
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,8 @@ class Architecture:
     name: str  # "flux" / "qwen_image": the key in files' metadata and in this table
     label: str  # what users read
     model_class: str  # the comfy.model_base class
-    preset: str  # the Slow/Fast Scheduler preset of the official Glance experts
+    preset: str  # the Slow/Fast Scheduler preset of the official Glance experts (its boundary is the loader's auto)
+    presets: tuple[str, ...]  # every Slow/Fast Scheduler preset made for this family
     rank: int
     alpha: float
     learning_rate: float
@@ -45,6 +46,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         label="Qwen-Image",
         model_class="QwenImage",
         preset="glance_qwen_image",
+        presets=("glance_qwen_image", schedules.OFFICIAL_PRESET),
         rank=32,
         alpha=128.0,
         learning_rate=3e-4,
@@ -66,6 +68,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         label="FLUX",
         model_class="Flux",
         preset="glance_flux",
+        presets=("glance_flux",),
         rank=16,
         alpha=64.0,
         learning_rate=5e-4,
@@ -98,6 +101,11 @@ def find(model) -> Architecture | None:
         if cls is not None and isinstance(m, cls):
             return arch
     return None
+
+
+def for_preset(preset: str) -> Architecture | None:
+    """The family a Slow/Fast Scheduler preset was made for (None for ``custom``)."""
+    return next((a for a in ARCHITECTURES.values() if preset in a.presets), None)
 
 
 def of(model, what: str) -> Architecture:

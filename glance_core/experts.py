@@ -2,10 +2,10 @@
 
 Mechanism (why): ComfyUI merges LoRAs into the weights. Switching experts by merging would
 rewrite every targeted weight at the switch (two clones re-patch the model; hook keyframes
-re-merge every key, reference comfyui_api.md §2.3) and, for Qwen-Image, that is most of a 20B
-model. Instead each expert stays low-rank and is added to the output of its Linear layers at
-forward time, y = W x + s·B(A x), through forward hooks that are installed and removed by a
-ModelPatcher injection. A wrapper around ``apply_model`` reads the evaluation's sigma and
+re-merge every key) and, for Qwen-Image, that is most of a 20B model. Instead each expert
+stays low-rank and is an adapter of ``lora_layer.LoRALayers``, added to the output of its Linear
+layers at forward time, y = W x + s·B(A x), by hooks that a ModelPatcher injection installs
+and removes. A wrapper around ``apply_model`` reads the evaluation's sigma and
 points the hooks at the Slow or the Fast expert, so the switch is a pointer flip inside ONE
 sampling run of any sampler. Base weights are never written: the model is bit-identical after
 the run, an interrupt or an exception.
@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import GlanceError
+from . import GlanceError, architectures
+from .lora_layer import LoRALayers, ModuleDelta, is_linear
 
 log = logging.getLogger("comfyui-glance")
 
@@ -65,90 +66,6 @@ MAX_DENSE_BYTES = 1 << 30
 
 
 @dataclass
-class ModuleDelta:
-    """What one expert adds to the output of one Linear layer: ``x A^T U^T`` (+ dense parts).
-
-    ``parts`` are the plain LoRA patches on the layer (e.g. q, k, v of a fused qkv), each
-    (first output row relative to ``row_start``, A [r, in], B [rows_i, r], scale) with A and B the
-    file's own tensors; the stacked device copy is ``down`` [R, in] and a block ``up`` [rows, R]
-    pre-scaled by strength·alpha/rank. ``dense`` [rows, in] and ``bias`` [rows] hold non-low-rank
-    deltas in float32 on the CPU. Device copies live in ``_cache`` until ``release``.
-    """
-
-    row_start: int
-    rows: int
-    parts: list = field(default_factory=list)
-    dense: torch.Tensor | None = None
-    bias: torch.Tensor | None = None
-    _cache: dict = field(default_factory=dict, repr=False)
-
-    def _build(self, device: torch.device, dtype: torch.dtype) -> tuple:
-        down = up = None
-        if self.parts:
-            down = torch.cat([a.to(device=device, dtype=dtype) for _, a, _, _ in self.parts], dim=0)
-            # Each B at its output rows, zeros elsewhere, side by side: [rows, R].
-            up = torch.cat(
-                [
-                    torch.nn.functional.pad(
-                        (b.to(device=device, dtype=torch.float32) * scale).to(dtype),
-                        (0, 0, row, self.rows - row - b.shape[0]),
-                    )
-                    for row, _, b, scale in self.parts
-                ],
-                dim=1,
-            )
-        dense = None if self.dense is None else self.dense.to(device=device, dtype=dtype)
-        bias = None if self.bias is None else self.bias.to(device=device, dtype=dtype)
-        return down, up, dense, bias
-
-    def _on(self, device: torch.device, dtype: torch.dtype, keep: bool) -> tuple:
-        if not keep:
-            return self._build(device, dtype)
-        key = (device, dtype)
-        hit = self._cache.get(key)
-        if hit is None:
-            hit = self._cache[key] = self._build(device, dtype)
-        return hit
-
-    def add_to(self, x: torch.Tensor, out: torch.Tensor, keep: bool = True) -> torch.Tensor:
-        down, up, dense, bias = self._on(out.device, out.dtype, keep)
-        x = x.to(out.dtype)
-        delta = None
-        if down is not None:
-            delta = torch.nn.functional.linear(torch.nn.functional.linear(x, down), up)
-        if dense is not None:
-            d = torch.nn.functional.linear(x, dense, bias)
-            delta = d if delta is None else delta + d
-        elif bias is not None:
-            delta = bias if delta is None else delta + bias
-        if torch.is_grad_enabled() and out.requires_grad:
-            out = out.clone()
-        out.narrow(-1, self.row_start, self.rows).add_(delta)
-        return out
-
-    def release(self) -> None:
-        """Drop the device copies (the CPU masters stay)."""
-        self._cache.clear()
-
-    def cached_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for hit in self._cache.values() for t in hit if t is not None)
-
-    def device_bytes(self, element_size: int) -> int:
-        """Size of one device copy at ``element_size`` bytes per value."""
-        n = 0
-        if self.parts:
-            r = sum(a.shape[0] for _, a, _, _ in self.parts)
-            n += r * self.parts[0][1].shape[1] + self.rows * r
-        n += sum(t.numel() for t in (self.dense, self.bias) if t is not None)
-        return n * element_size
-
-    def nbytes(self) -> int:
-        """Host memory this delta holds (the low-rank factors are shared with the file's tensors)."""
-        tensors = [t for _, a, b, _ in self.parts for t in (a, b)] + [self.dense, self.bias]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-
-@dataclass
 class Expert:
     """One LoRA file turned into per-module output deltas for a specific model."""
 
@@ -166,18 +83,6 @@ def _module_of(model: torch.nn.Module, weight_key: str) -> tuple[str, torch.nn.M
     except AttributeError:
         raise GlanceError(f"LoRA key maps to {weight_key}, which this model does not have.") from None
     return module_name, module, param
-
-
-def is_linear(module: torch.nn.Module) -> bool:
-    """A Linear layer, including ComfyUI's mixed-precision/quantized Linear classes that are not ``nn.Linear``."""
-    if isinstance(module, torch.nn.Linear):
-        return True
-    return (
-        isinstance(getattr(module, "in_features", None), int)
-        and isinstance(getattr(module, "out_features", None), int)
-        and getattr(module, "weight", None) is not None
-        and not isinstance(module, torch.nn.modules.conv._ConvNd)
-    )
 
 
 def check_finite(lora_sd: dict[str, torch.Tensor], name: str) -> None:
@@ -200,9 +105,9 @@ def check_finite(lora_sd: dict[str, torch.Tensor], name: str) -> None:
 
 
 def is_flux(model) -> bool:
-    import comfy.model_base
-
-    return isinstance(model, comfy.model_base.Flux)
+    """Kept for the ArcFlow loader until it reads the table."""
+    arch = architectures.find(model)
+    return arch is not None and arch.name == "flux"
 
 
 def parse_lora(model_patcher, lora_sd: dict[str, torch.Tensor], name: str) -> dict:
@@ -398,98 +303,71 @@ def _as_lowrank(patch, offset, function, param: str) -> tuple[int, torch.Tensor,
     return row, down.detach(), up.detach(), scale
 
 
-class PhaseLoRA:
-    """Two experts on one model, chosen per model evaluation by its sigma.
+def expert_for(sigma: float, boundary: float) -> str:
+    """The Glance rule: "slow" at sigma >= boundary, "fast" below (the loader, the trainer and presets agree)."""
+    return "slow" if sigma >= boundary else "fast"
 
-    sigma >= boundary → Slow, sigma < boundary → Fast. Either expert may be None (no change).
-    """
+
+class PhaseLoRA:
+    """Two experts on one model as two adapters of :class:`LoRALayers`, chosen per model evaluation by its
+    sigma with :func:`expert_for`. Either expert may be None (no change)."""
 
     def __init__(self, slow: Expert | None, fast: Expert | None, boundary: float):
         if not math.isfinite(boundary) or boundary < 0:
             raise GlanceError(f"boundary_sigma must be a finite number >= 0 (got {boundary}).")
         self.slow, self.fast, self.boundary = slow, fast, float(boundary)
-        self.active: Expert | None = None
         self.counts = {"slow": 0, "fast": 0}
-        self._handles: list = []
-        self._model = None
-        self._dynamic = False
-        modules = set(slow.deltas if slow else ()) | set(fast.deltas if fast else ())
-        self.modules = sorted(modules)
+        self.layers = LoRALayers({n: e.deltas for n, e in (("slow", slow), ("fast", fast)) if e is not None})
+        self.modules = self.layers.modules
 
-    # --- ModelPatcher injection: forward hooks on the targeted Linear layers ---------------
+    @property
+    def active(self) -> Expert | None:
+        return {"slow": self.slow, "fast": self.fast}.get(self.layers.active)
+
+    # --- ModelPatcher injection: the adapters' forward hooks on the targeted Linear layers ----
     def inject(self, patcher) -> None:
-        self.eject(patcher)
-        model = patcher.model
-        self._model = model
-        self._dynamic = bool(getattr(patcher, "is_dynamic", lambda: False)())
-        for name in self.modules:
-            self._handles.append(model.get_submodule(name).register_forward_hook(self._hook_for(name)))
+        self.layers.inject(patcher)
 
     def eject(self, patcher=None) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self._model = None
-        self.release()
+        self.layers.eject(patcher)
 
     def release(self) -> None:
         """Free every device copy of both experts."""
-        for expert in (self.slow, self.fast):
-            for d in expert.deltas.values() if expert else ():
-                d.release()
+        self.layers.release()
 
     def cached_bytes(self) -> int:
-        return sum(d.cached_bytes() for e in (self.slow, self.fast) if e for d in e.deltas.values())
+        return self.layers.cached_bytes()
 
     def device_bytes(self, element_size: int) -> int:
         """What both experts' device copies take at ``element_size`` bytes per value."""
-        return sum(d.device_bytes(element_size) for e in (self.slow, self.fast) if e for d in e.deltas.values())
-
-    def _keep_on_device(self) -> bool:
-        # Cache only while ComfyUI holds the whole model on the device; offloaded models copy per call.
-        model = self._model
-        return not self._dynamic and model is not None and not getattr(model, "model_lowvram", False)
-
-    def _hook_for(self, name: str):
-        def hook(module, args, out):
-            expert = self.active
-            if expert is None:
-                return None
-            delta = expert.deltas.get(name)
-            if delta is None:
-                return None
-            keep = self._keep_on_device()
-            if not keep and delta._cache:
-                delta.release()
-            return delta.add_to(args[0], out, keep)
-
-        return hook
+        return self.layers.device_bytes(element_size)
 
     # --- Wrappers ------------------------------------------------------------------------
-    def select(self, sigma: torch.Tensor) -> Expert | None:
+    def select(self, sigma: torch.Tensor) -> str | None:
+        """The adapter for one model evaluation (None: that expert is not loaded)."""
         lo, hi = float(sigma.min()), float(sigma.max())
-        if (hi >= self.boundary) != (lo >= self.boundary):
+        phase = expert_for(hi, self.boundary)
+        if expert_for(lo, self.boundary) != phase:
             raise GlanceError(
                 f"One model call mixes sigmas {lo:.5f}..{hi:.5f} on both sides of boundary_sigma {self.boundary:.5f}; "
                 f"the phase-aware loader needs one sigma per model evaluation."
             )
-        phase = "slow" if hi >= self.boundary else "fast"
         self.counts[phase] += 1
-        return self.slow if phase == "slow" else self.fast
+        return phase if phase in self.layers.adapters else None
 
     def apply_model_wrapper(self, executor, x, t, *args, **kwargs):
-        self.active = self.select(t)
+        self.layers.set_adapter(self.select(t))
         try:
             return executor(x, t, *args, **kwargs)
         finally:
-            self.active = None
+            self.layers.set_adapter(None)
 
     def outer_sample_wrapper(self, executor, *args, **kwargs):
         self.counts = {"slow": 0, "fast": 0}
         try:
             return executor(*args, **kwargs)
         finally:
-            self.active = None
+            self.layers.set_adapter(None)
             log.info(
                 "Glance: %d evaluations with the Slow expert, %d with the Fast expert (boundary sigma %.5f).",
                 self.counts["slow"],

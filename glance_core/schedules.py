@@ -2,7 +2,7 @@
 
 The official Glance experts are trained at timesteps picked from the base model's own 50-step
 schedule at 1024²: Slow = base steps {0, 2, 4, 6, 8}, Fast = {10, 20, 30, 40, 49}
-(reference glance.md §2.1). Sampling runs ONE Euler pass over those ten sigmas, Slow expert
+(the released Glance pipelines). Sampling runs ONE Euler pass over those ten sigmas, Slow expert
 first, then Fast.
 
 Pure maths: no ComfyUI import. The ``percent_to_sigma`` callable is the model's own

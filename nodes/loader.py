@@ -7,9 +7,8 @@ import math
 import folder_paths
 from comfy_api.latest import io
 
-from ..glance_core import GlanceError, experts, lora_files, schedules
+from ..glance_core import GlanceError, architectures, experts, lora_files, schedules
 from .common import CATEGORY, require_flow_model
-from .scheduler import _PRESET_ARCH
 
 NONE = "None"
 #: boundary_sigma value meaning "the connected model's official Glance preset boundary".
@@ -26,9 +25,9 @@ def resolve_boundary(model, boundary_sigma: float) -> float:
     """``boundary_sigma``, or for AUTO the official preset boundary of the connected model's architecture."""
     boundary_sigma = _finite("boundary_sigma", boundary_sigma)
     if boundary_sigma == AUTO:
-        for preset, arch in _PRESET_ARCH.items():
-            if isinstance(model.model, arch):
-                return schedules.preset(preset).boundary
+        arch = architectures.find(model)
+        if arch is not None:
+            return schedules.preset(arch.preset).boundary
         raise GlanceError(
             f"boundary_sigma -1 (auto) knows the official boundary of FLUX.1 and Qwen-Image only, not of this "
             f"{type(model.model).__name__} model: wire boundary_sigma from Glance Slow/Fast Scheduler, or type it."

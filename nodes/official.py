@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import logging
 
-import comfy.model_base
 import comfy.model_sampling
 import comfy.samplers
 from comfy_api.latest import io
 
-from ..glance_core import GlanceError, official, schedules
+from ..glance_core import GlanceError, architectures, official, schedules
 from .common import CATEGORY
 
 log = logging.getLogger("comfyui-glance")
@@ -24,7 +23,8 @@ def _sample(model, x, sigmas, extra_args=None, callback=None, disable=None):
                 f"Glance Official Sampler needs a flow-matching model (Qwen-Image); the connected "
                 f"{type(patcher.model).__name__} model is not one. Connect Qwen-Image, or use KSamplerSelect."
             )
-        if not isinstance(patcher.model, comfy.model_base.QwenImage):
+        arch = architectures.find(patcher)
+        if arch is None or arch.name != "qwen_image":
             log.warning(
                 "Glance: the official stepping reproduces the released Qwen-Image pipeline; the model is %s.",
                 type(patcher.model).__name__,

@@ -4,20 +4,13 @@ from __future__ import annotations
 
 import logging
 
-import comfy.model_base
 import torch
 from comfy_api.latest import io
 
-from ..glance_core import schedules
+from ..glance_core import architectures, schedules
 from .common import CATEGORY, require_flow_model
 
 log = logging.getLogger("comfyui-glance")
-
-_PRESET_ARCH = {
-    "glance_qwen_image": comfy.model_base.QwenImage,
-    "glance_flux": comfy.model_base.Flux,
-    schedules.OFFICIAL_PRESET: comfy.model_base.QwenImage,
-}
 
 
 class SlowFastScheduler(io.ComfyNode):
@@ -125,12 +118,12 @@ class SlowFastScheduler(io.ComfyNode):
                 sched = schedules.official_stepping().schedule
             else:
                 sched = schedules.preset(preset)
-            arch = _PRESET_ARCH[preset]
-            if not isinstance(model.model, arch):
+            arch = architectures.for_preset(preset)
+            if arch is not None and architectures.find(model) is not arch:
                 log.warning(
                     "Glance: preset %s was made for %s but the model is %s.",
                     preset,
-                    arch.__name__,
+                    arch.label,
                     type(model.model).__name__,
                 )
         return io.NodeOutput(torch.tensor(sched.sigmas, dtype=torch.float32), sched.boundary)

@@ -2,24 +2,22 @@
 
 from __future__ import annotations
 
-import logging
 import math
 
-import comfy.model_management
 import comfy.utils
-import folder_paths
-import torch
 from comfy_api.latest import io
 
-from ..glance_core import GlanceError, experts, schedules, training
-from ..glance_core.plots import loss_curve
+from ..glance_core import GlanceError, oneshot
+
+# caption_list, latent_shape and save_paths are read from here by the ArcFlow Distiller node until it imports them.
+from ..glance_core.oneshot import caption_list, latent_shape, save_paths  # noqa: F401
 from .common import CATEGORY, caption_inputs, guidance_inputs, require_flow_model, save_inputs
 
-log = logging.getLogger("comfyui-glance")
-PRESET_FOR = {"flux": "glance_flux", "qwen_image": "glance_qwen_image"}
 OBJECTIVES = ["official", "trajectory"]
 EXPERTS = ["both", "slow", "fast"]
 TARGET_PRESETS = ["official", "attention", "all_linear"]
+#: The integer inputs' minima (as the schema declares them).
+MINIMA = {"steps": 1, "rank": 0, "batch": 1, "resolution": 32, "noises": 1, "teacher_steps": 4}
 
 
 def progress_text(text: str, node_id: str | None) -> None:
@@ -30,15 +28,6 @@ def progress_text(text: str, node_id: str | None) -> None:
             PromptServer.instance.sendprogress_text(text, node_id)
     except (ImportError, AttributeError):
         pass
-
-
-def save_paths(save_name: str, experts_: list[str], overwrite: bool) -> dict[str, str]:
-    """``{expert: path}`` in models/loras for ``<save_name>_<expert>.safetensors`` (``""``: no suffix), after
-    every check that decides whether the files can be written (see ``training.plan_save``)."""
-    root = folder_paths.get_folder_paths("loras")[0]
-    suffix = {e: f"_{e}" if e else "" for e in experts_}
-    paths = training.plan_save(root, save_name, list(suffix.values()), overwrite)
-    return {e: paths[sfx] for e, sfx in suffix.items()} if paths else {}
 
 
 def check_choice(name: str, value, options: list[str]) -> None:
@@ -59,65 +48,6 @@ def check_finite(**values: float) -> None:
     for name, v in values.items():
         if v is not None and not math.isfinite(float(v)):
             raise GlanceError(f"{name} is {v}: it must be a finite number. Set a value in its range.")
-
-
-def caption_list(positive, clip, captions: str) -> list:
-    """One CONDITIONING per caption: each entry of ``positive`` (a combined conditioning holds several), then
-    each non-empty line of ``captions`` encoded with ``clip`` (FLUX guidance copied from ``positive``).
-    Tensors are cloned outside inference mode, ready for autograd."""
-    out = [[c] for c in training.clone_conditioning(positive)]
-    extra = [line.strip() for line in (captions or "").splitlines() if line.strip()]
-    if extra and clip is None:
-        raise GlanceError("Extra captions need the text encoder: connect 'clip'.")
-    guidance = positive[0][1].get("guidance")
-    for line in extra:
-        c = clip.encode_from_tokens_scheduled(clip.tokenize(line))
-        if guidance is not None:
-            c = [[t, {**d, "guidance": guidance}] for t, d in c]
-        out.append(training.clone_conditioning(c))
-    return out
-
-
-def _prepare_image(image: torch.Tensor, resolution: int) -> tuple[torch.Tensor, str]:
-    """One RGB image, longer side → ``resolution``, sides floored to a multiple of 32 (official recipe)."""
-    if image.ndim != 4:
-        raise GlanceError(f"Expected an IMAGE [batch, height, width, channels]; got shape {list(image.shape)}.")
-    if image.shape[0] != 1:
-        raise GlanceError(
-            f"OneShotTrainer trains on ONE image; got a batch of {image.shape[0]}. Pick one (e.g. with ImageFromBatch)."
-        )
-    channels = image.shape[-1]
-    if channels == 4:
-        raise GlanceError(
-            "The image has an alpha channel. Remove it first (e.g. load it with LoadImage, which "
-            "splits RGB and MASK) so the trainer sees the picture you expect."
-        )
-    if channels != 3:
-        raise GlanceError(
-            f"The image has {channels} channel(s); the trainer needs RGB. Convert the greyscale image "
-            f"to RGB first (LoadImage does)."
-        )
-    if not torch.isfinite(image).all():
-        raise GlanceError(
-            "The image contains NaN or infinite pixel values (a broken upstream node or file): fix or replace it."
-        )
-    h, w = image.shape[1], image.shape[2]
-    if min(h, w) < 64:
-        raise GlanceError(f"The image is {w}×{h} px: too small to learn from (at least 64 px per side).")
-    if max(h, w) > 8192:
-        raise GlanceError(f"The image is {w}×{h} px: larger than 8192 px; downscale it first.")
-    # The source's aspect, not the resized one: at small resolutions the floor to 32 px squashes 640×64 to 64×32.
-    if h / w > 4 or w / h > 4:
-        raise GlanceError(f"The image is {w}×{h} px: aspect ratios beyond 4:1 are not supported; crop it.")
-    scale = resolution / max(h, w)
-    nh, nw = max(32, int(h * scale) // 32 * 32), max(32, int(w * scale) // 32 * 32)
-    note = (
-        f"image {w}×{h} → {nw}×{nh} (longer side to {resolution}, sides floored to a multiple of 32, as the "
-        f"official recipe)"
-    )
-    if (nh, nw) != (h, w):
-        image = comfy.utils.common_upscale(image.movedim(-1, 1), nw, nh, "lanczos", "disabled").movedim(1, -1)
-    return image.clamp(0, 1), note
 
 
 class OneShotTrainer(io.ComfyNode):
@@ -296,191 +226,25 @@ class OneShotTrainer(io.ComfyNode):
         )
 
     @classmethod
-    def execute(
-        cls,
-        model,
-        positive,
-        objective: str,
-        expert: str,
-        steps: int,
-        rank: int,
-        alpha: float,
-        learning_rate: float,
-        seed: int,
-        target_layers: str,
-        batch: int,
-        resolution: int,
-        image=None,
-        vae=None,
-        sigmas=None,
-        boundary_sigma: float = 0.9,
-        negative=None,
-        cfg: float = 1.0,
-        noises: int = 8,
-        teacher_steps: int = 50,
-        student_mix: float = 0.0,
-        clip=None,
-        captions: str = "",
-        save_name: str = "",
-        overwrite: bool = False,
-    ) -> io.NodeOutput:
+    def execute(cls, model, positive, **inputs) -> io.NodeOutput:
+        """``inputs``: the schema's inputs by name (optional ones only when connected; ``oneshot.train`` has the
+        defaults)."""
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
         # Every input is checked before any work (encoding, rollouts, training).
-        check_choice("objective", objective, OBJECTIVES)
-        check_choice("expert", expert, EXPERTS)
-        check_choice("target_layers", target_layers, TARGET_PRESETS)
-        check_finite(
-            learning_rate=learning_rate, alpha=alpha, boundary_sigma=boundary_sigma, cfg=cfg, student_mix=student_mix
-        )
-        check_at_least(
-            steps=(steps, 1), rank=(rank, 0), batch=(batch, 1), resolution=(resolution, 32), noises=(noises, 1),
-            teacher_steps=(teacher_steps, 4),
-        )  # fmt: skip
-        if learning_rate < 0 or alpha < 0:
-            raise GlanceError("learning_rate and alpha cannot be negative (0 = the official value).")
-        if not positive:
-            raise GlanceError("positive is an empty conditioning: connect the caption's text encoder output.")
-        ms = require_flow_model(model, "Glance One-Shot Trainer")
-        arch = training.architecture(model)
-        r0, _, lr0 = training.OFFICIAL[arch]
-        rank = rank or r0
-        alpha = alpha or 4.0 * rank
-        lr = learning_rate or lr0
-        if sigmas is not None:
-            sig = [float(s) for s in sigmas]
-            schedules.validate_sigmas(sig)
-            sched = schedules.SlowFastSchedule(tuple(sig), sum(1 for s in sig[:-1] if s >= boundary_sigma))
-        else:
-            sched = schedules.preset(PRESET_FOR[arch])
-        k = sched.slow_steps
-        s = list(sched.sigmas)
-        jobs = {
-            "slow": training.ExpertJob("slow", s[:k], s[1 : k + 1]),
-            "fast": training.ExpertJob("fast", s[k:-1], s[k + 1 :]),
-        }
-        wanted = ["slow", "fast"] if expert == "both" else [expert]
-        for e in wanted:
-            if not jobs[e].sigmas:
-                raise GlanceError(
-                    f"The schedule has no {e} steps (boundary_sigma {boundary_sigma}); move the boundary "
-                    f"or train the other expert."
-                )
-        paths = save_paths(save_name, wanted, overwrite)
-        neg = training.clone_conditioning(negative) if negative is not None else None
+        check_choice("objective", inputs["objective"], OBJECTIVES)
+        check_choice("expert", inputs["expert"], EXPERTS)
+        check_choice("target_layers", inputs["target_layers"], TARGET_PRESETS)
+        check_finite(**{k: inputs.get(k) for k in ("learning_rate", "alpha", "boundary_sigma", "cfg", "student_mix")})
+        check_at_least(**{k: (inputs[k], low) for k, low in MINIMA.items() if k in inputs})
+        require_flow_model(model, "Glance One-Shot Trainer")
+        pbar: list = []
 
-        x0, note, img_hash = None, "", None
-        if objective == "official":
-            if image is None or vae is None:
-                raise GlanceError("The official objective trains on an image: connect an IMAGE and its VAE.")
-            want = model.model.latent_format.latent_channels
-            if getattr(vae, "latent_channels", want) != want:
-                raise GlanceError(
-                    f"The VAE makes {vae.latent_channels}-channel latents but the model expects {want}: "
-                    f"connect the VAE that belongs to this model."
-                )
-            img, note = _prepare_image(image, resolution)
-            log.info("Glance trainer: %s", note)
-            img_hash = training.image_hash(img)
-            # No autograd graph: a VAE whose weights require grad (built outside ComfyUI's inference mode) would
-            # tie every step's loss to the same encoder graph ("backward through the graph a second time").
-            with torch.no_grad():
-                x0 = vae.encode(img[:, :, :, :3]).detach()
-            cfg = 1.0
-        pos_list = caption_list(positive, clip, captions)
-        if objective == "official" and arch == "flux":  # the released FLUX script feeds guidance 1.0 in training
-            pos_list = [[[t, {**d, "guidance": 1.0}] for t, d in c] for c in pos_list]
-
-        total = len(wanted) * steps
-        trajectories = None
-        grid: list[float] = []
-        if objective == "trajectory":
-            grid = training.fine_grid(ms.percent_to_sigma, teacher_steps, s)
-            total += len(pos_list) * (len(grid) - 1)
-        pbar = comfy.utils.ProgressBar(total, node_id=node_id)
-        done = [0]
-
-        def tick(text: str | None = None) -> None:
-            done[0] += 1
-            pbar.update_absolute(done[0], total)
+        def progress(done: int, total: int, text: str | None) -> None:
+            if not pbar:
+                pbar.append(comfy.utils.ProgressBar(total, node_id=node_id))
+            pbar[0].update_absolute(done, total)
             if text:
                 progress_text(text, node_id)
 
-        if objective == "trajectory":
-            shape = latent_shape(model, resolution, x0)
-            trajectories = training.teacher_trajectories(
-                model, [(p, neg) for p in pos_list], cfg, noises, seed, shape, grid, s, on_step=lambda: tick()
-            )
-        results = {}
-        for e in wanted:
-
-            def on_step(i: int, loss: float, _e=e) -> None:
-                tick(f"{_e} expert: step {i + 1}/{steps}, loss {loss:.5f}")
-
-            results[e] = training.train_expert(
-                model,
-                jobs[e],
-                objective=objective,
-                positive=pos_list[0],
-                negative=neg,
-                cfg=cfg,
-                rank=rank,
-                alpha=alpha,
-                lr=lr,
-                steps=steps,
-                seed=seed + (1 if e == "fast" else 0),
-                targets=target_layers,
-                batch=batch,
-                x0=x0,
-                trajectories=trajectories,
-                weight_decay=0.01 if arch == "flux" else 0.0,
-                student_mix=student_mix if objective == "trajectory" else 0.0,
-                on_step=on_step,
-            )
-        comfy.model_management.throw_exception_if_processing_interrupted()
-
-        if paths:
-            files = [
-                (
-                    path,
-                    results[e].state_dict,
-                    training.metadata_for(
-                        arch,
-                        e,
-                        objective,
-                        rank,
-                        alpha,
-                        jobs[e].sigmas,
-                        steps,
-                        seed,
-                        lr,
-                        target_layers,
-                        img_hash,
-                        len(pos_list),
-                    ),
-                )
-                for e, path in paths.items()
-            ]
-            for path in training.save_files_atomic(files, overwrite):
-                log.info("Glance trainer: saved %s", path)
-        built = {e: experts.build_expert(model, r.state_dict, 1.0, f"trained {e} expert") for e, r in results.items()}
-        phase_model = experts.apply_phase_lora(model, built.get("slow"), built.get("fast"), sched.boundary)
-        curve = loss_curve(
-            {f"{e} expert": r.losses for e, r in results.items()},
-            title=f"Glance {objective} training ({arch})" + (f" — {note}" if note else ""),
-        )
-        return io.NodeOutput(
-            results["slow"].state_dict if "slow" in results else {},
-            results["fast"].state_dict if "fast" in results else {},
-            phase_model,
-            curve,
-        )
-
-
-def latent_shape(model, resolution: int, x0) -> tuple[int, ...]:
-    if x0 is not None:
-        return tuple(x0.shape)
-    fmt = model.model.latent_format
-    side = max(1, resolution // 8)
-    if getattr(fmt, "latent_dimensions", 2) == 3:
-        return (1, fmt.latent_channels, 1, side, side)
-    return (1, fmt.latent_channels, side, side)
+        res = oneshot.train(model, positive, **inputs, progress=progress)
+        return io.NodeOutput(res.slow, res.fast, res.model, res.curve)

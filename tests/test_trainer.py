@@ -62,8 +62,6 @@ def train_official(training, model, tiny, x0, job, steps: int):
         job,
         objective="official",
         positive=tiny.conditioning("flux", 1),
-        negative=None,
-        cfg=1.0,
         rank=4,
         alpha=4.0,
         lr=2e-3,
@@ -248,6 +246,7 @@ def test_gradients_through_inplace_blocks_match_finite_differences(comfy_nodes, 
     import comfy.samplers
 
     training = importlib.import_module(glance.__name__ + ".glance_core.training")
+    checkpoint = importlib.import_module(glance.__name__ + ".glance_core.checkpoint")
     model = tiny.build("flux", 0)
     gen = torch.Generator().manual_seed(0)
     lora = training.TrainableLoRA(model, "official", 2, 2.0, gen)
@@ -255,7 +254,7 @@ def test_gradients_through_inplace_blocks_match_finite_differences(comfy_nodes, 
         t.B.data.normal_(0, 0.1, generator=gen)
     student = model.clone()
     student.set_injections("t", [pe.PatcherInjection(inject=lora.inject, eject=lora.eject)])
-    training.block_patches(student, lora.parameters())
+    checkpoint.block_patches(student, lora.parameters())
     guider = comfy.samplers.CFGGuider(student)
     guider.set_conds(tiny.conditioning("flux", 1), [])
     guider.set_cfg(1.0)
@@ -273,7 +272,7 @@ def test_gradients_through_inplace_blocks_match_finite_differences(comfy_nodes, 
             guider.sample(
                 torch.zeros_like(x),
                 torch.zeros_like(x),
-                training._OneStep(loss_fn).sampler,
+                training.one_step_sampler(loss_fn),
                 torch.tensor([1.0, 0.0]),
                 disable_pbar=True,
                 seed=0,
@@ -281,7 +280,7 @@ def test_gradients_through_inplace_blocks_match_finite_differences(comfy_nodes, 
         return losses[-1]
 
     lora.enabled = True
-    with training.training_mode():
+    with checkpoint.training_mode():
         loss(True).backward()
     for t in (lora.targets[0], lora.targets[-1]):  # first double block and last single block
         direction = torch.randn(t.A.shape, generator=gen)
@@ -373,27 +372,26 @@ def test_student_rollout_mixing(comfy_nodes, glance, tiny):
     import comfy.samplers
 
     training = importlib.import_module(glance.__name__ + ".glance_core.training")
+    rollouts = importlib.import_module(glance.__name__ + ".glance_core.rollouts")
     with torch.inference_mode():
         model = tiny.build("flux", 0)
     pos = training.clone_conditioning(tiny.conditioning("flux", 1))
     ms = model.get_model_object("model_sampling")
-    grid = training.fine_grid(ms.percent_to_sigma, 50, FLUX)
-    traj = training.teacher_trajectories(model, [(pos, None)], 1.0, 4, 0, (1, 16, 4, 4), grid, FLUX)
+    grid = rollouts.fine_grid(ms.percent_to_sigma, 50, FLUX)
+    traj = rollouts.teacher_trajectories(model, [(pos, None)], 1.0, 4, 0, (1, 16, 4, 4), grid, FLUX)
     states = traj["captions"][0]["states"]
     guider = comfy.samplers.CFGGuider(model)
     guider.set_conds(pos, [])
     guider.set_cfg(1.0)
     seg = [g for g in grid if FLUX[6] <= g <= FLUX[5]]
     with torch.inference_mode(False), torch.no_grad():
-        x = training._euler(guider, states[FLUX[5]], seg, 0)
+        x = rollouts.euler(guider, states[FLUX[5]], seg, 0)
     assert torch.allclose(x, states[FLUX[6]], atol=1e-4 * float(states[FLUX[6]].abs().max()))
 
     job = training.ExpertJob("fast", FLUX[5:10], FLUX[6:11])
     kw = dict(
         objective="trajectory",
         positive=pos,
-        negative=None,
-        cfg=1.0,
         rank=4,
         alpha=4.0,
         lr=1e-3,
@@ -426,3 +424,36 @@ def test_official_flux_training_uses_guidance_one(comfy_nodes, tiny, flux, photo
     pos = tiny.conditioning("flux", 1, guidance=3.5)
     train(comfy_nodes, m, pos, image=photo, vae=vae, expert="slow", steps=3)
     assert seen and set(seen) == {1.0}
+
+
+def test_each_training_step_sees_its_own_caption(comfy_nodes, glance, tiny):
+    """The whole run is one sampling call with every caption's conditioning processed once: step k still trains
+    on caption k mod n (not on the first caption only)."""
+    import importlib
+
+    import comfy.patcher_extension as pe
+
+    training = importlib.import_module(glance.__name__ + ".glance_core.training")
+    rollouts = importlib.import_module(glance.__name__ + ".glance_core.rollouts")
+    with torch.inference_mode():
+        model = tiny.build("flux", 0)
+    caps = [training.clone_conditioning(tiny.conditioning("flux", 10 + i)) for i in range(3)]
+    grid = rollouts.fine_grid(model.get_model_object("model_sampling").percent_to_sigma, 12, FLUX)
+    traj = rollouts.teacher_trajectories(model, [(c, None) for c in caps], 1.0, 2, 0, (1, 16, 4, 4), grid, FLUX)
+    seen = []
+
+    def spy(executor, x, t, *args, **kwargs):
+        context = args[1] if len(args) > 1 else kwargs["c_crossattn"]  # apply_model(x, t, c_concat, c_crossattn…)
+        seen.append(context[0].detach().clone())
+        return executor(x, t, *args, **kwargs)
+
+    m = model.clone()
+    m.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, "test_spy", spy)
+    job = training.ExpertJob("fast", FLUX[5:10], FLUX[6:11])
+    training.train_expert(
+        m, job, objective="trajectory", positive=caps[0], rank=2, alpha=2.0, lr=1e-3, steps=6, seed=0,
+        targets="official", batch=2, trajectories=traj,
+    )  # fmt: skip
+    assert len(seen) == 6
+    for k, ctx in enumerate(seen):
+        assert torch.equal(ctx, caps[k % 3][0][0][0].to(ctx)), f"step {k} did not see caption {k % 3}"

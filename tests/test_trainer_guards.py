@@ -24,6 +24,16 @@ def training(glance):
 
 
 @pytest.fixture(scope="module")
+def lora_save(glance):
+    return importlib.import_module(glance.__name__ + ".glance_core.lora_save")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(glance):
+    return importlib.import_module(glance.__name__ + ".glance_core.checkpoint")
+
+
+@pytest.fixture(scope="module")
 def photo():
     from skimage import data
 
@@ -134,7 +144,7 @@ def test_training_step_hot_path_stays_on_a_cuda_load_device(comfy_nodes, tiny, t
             mod = patcher.model.get_submodule(name)
             x = torch.randn(1, 8, mod.in_features, device="cuda", dtype=torch.bfloat16)
             out = torch.randn(1, 8, mod.out_features, device="cuda", dtype=torch.bfloat16)
-            y = lora._hook(name)(mod, (x,), out)
+            y = lora.layers.hook_for(name)(mod, (x,), out)
             assert y.device.type == "cuda" and y.dtype == torch.bfloat16
             outs.append(y.float().mean())
         latent = torch.randn(1, 16, 4, 4, device="cuda")
@@ -231,7 +241,7 @@ def test_mixed_precision_linear_layers_are_trained(comfy_nodes, tiny, photo, flu
         x0 = flux[1].encode(photo[:, ::2, ::2, :3])
     job = training.ExpertJob("slow", [1.0, 0.97], [0.97, 0.9])
     res = training.train_expert(
-        model, job, objective="official", positive=tiny.conditioning("flux", 1), negative=None, cfg=1.0, rank=2,
+        model, job, objective="official", positive=tiny.conditioning("flux", 1), rank=2,
         alpha=2.0, lr=1e-3, steps=3, seed=0, targets="official", x0=x0,
     )  # fmt: skip
     assert res.state_dict.keys() == expect.state_dict().keys()
@@ -239,7 +249,7 @@ def test_mixed_precision_linear_layers_are_trained(comfy_nodes, tiny, photo, flu
     assert float(res.state_dict["transformer.transformer_blocks.0.attn.to_q.lora_B.weight"].abs().max()) > 0
 
 
-def test_a_partially_loaded_model_trains_like_a_fully_loaded_one(comfy_nodes, tiny, training):
+def test_a_partially_loaded_model_trains_like_a_fully_loaded_one(comfy_nodes, tiny, training, checkpoint):
     """Low VRAM: ComfyUI loads only part of the model and casts the other layers' weights per call
     (``comfy_cast_weights``). A training step's loss and LoRA gradients on such a model equal those on the fully
     loaded one, and the base model is unchanged after unloading. (CPU runs never partially load on their own, so
@@ -260,8 +270,8 @@ def test_a_partially_loaded_model_trains_like_a_fully_loaded_one(comfy_nodes, ti
             t.B.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(2))
         student = model.clone()
         student.set_injections("t", [pe.PatcherInjection(inject=lora.inject, eject=lora.eject)])
-        training.block_patches(student, lora.parameters())
-        with torch.inference_mode(False), training.training_mode():
+        checkpoint.block_patches(student, lora.parameters())
+        with torch.inference_mode(False), checkpoint.training_mode():
             if budget is None:
                 student.load(student.load_device, full_load=True)
             else:
@@ -273,7 +283,7 @@ def test_a_partially_loaded_model_trains_like_a_fully_loaded_one(comfy_nodes, ti
                 dm_opts = student.model_options["transformer_options"]
                 sigma = torch.full((2,), 0.7)
                 c = {"c_crossattn": cond[0][0].repeat(2, 1, 1), "y": cond[0][1]["pooled_output"].repeat(2, 1)}
-                with training.normal_weights(training._outside_blocks(student.model.diffusion_model)):
+                with checkpoint.normal_weights(checkpoint._outside_blocks(student.model.diffusion_model)):
                     den = student.model.apply_model(
                         xt, sigma, guidance=torch.full((2,), 1.0), transformer_options=dm_opts, **c
                     )
@@ -392,7 +402,7 @@ def test_a_pair_file_appearing_during_training_writes_neither(comfy_nodes, tiny,
     assert intruder.read_bytes() == b"someone else's file"
 
 
-def test_pair_writes_are_all_or_nothing_and_leftovers_are_cleaned(comfy_nodes, training, loras_dir):
+def test_pair_writes_are_all_or_nothing_and_leftovers_are_cleaned(comfy_nodes, lora_save, loras_dir):
     import folder_paths
 
     a = {"w": torch.ones(2, 2)}
@@ -400,7 +410,7 @@ def test_pair_writes_are_all_or_nothing_and_leftovers_are_cleaned(comfy_nodes, t
     bad = {"x": shared, "y": shared}  # safetensors refuses tensors that share memory: the second file fails
     paths = [str(loras_dir / "p_slow.safetensors"), str(loras_dir / "p_fast.safetensors")]
     with pytest.raises(RuntimeError):
-        training.save_files_atomic([(paths[0], a, {}), (paths[1], bad, {})], overwrite=False)
+        lora_save.save_files_atomic([(paths[0], a, {}), (paths[1], bad, {})], overwrite=False)
     assert not any(loras_dir.iterdir()), "neither file nor any temporary file stays"
     # While a file is written, nothing but our temporary folder appears next to the targets.
     seen: set[str] = set()
@@ -415,18 +425,18 @@ def test_pair_writes_are_all_or_nothing_and_leftovers_are_cleaned(comfy_nodes, t
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        training.save_files_atomic([(str(loras_dir / "big.safetensors"), big, {})], overwrite=False)
+        lora_save.save_files_atomic([(str(loras_dir / "big.safetensors"), big, {})], overwrite=False)
     finally:
         done.set()
         watcher.join()
-    assert seen - {"big.safetensors"} and all(n.startswith(training.TMP_PREFIX) for n in seen - {"big.safetensors"})
+    assert seen - {"big.safetensors"} and all(n.startswith(lora_save.TMP_PREFIX) for n in seen - {"big.safetensors"})
     assert sorted(p.name for p in loras_dir.iterdir()) == ["big.safetensors"]
     (loras_dir / "big.safetensors").unlink()
 
     # Overwrite replaces both; the old files come back if the set cannot be placed.
-    training.save_files_atomic([(p, a, {"v": "1"}) for p in paths], overwrite=False)
+    lora_save.save_files_atomic([(p, a, {"v": "1"}) for p in paths], overwrite=False)
     b = {"w": torch.full((2, 2), 2.0)}
-    training.save_files_atomic([(p, b, {"v": "2"}) for p in paths], overwrite=True)
+    lora_save.save_files_atomic([(p, b, {"v": "2"}) for p in paths], overwrite=True)
     for p in paths:
         with safe_open(p, "pt") as f:
             assert f.metadata()["v"] == "2" and torch.equal(f.get_tensor("w"), b["w"])
@@ -434,21 +444,21 @@ def test_pair_writes_are_all_or_nothing_and_leftovers_are_cleaned(comfy_nodes, t
     # A killed run's temporaries (older than this process) go at the next save; a live one stays. No loader
     # lists them meanwhile.
     # safetensors itself writes through a hidden .tmp* file in the folder it is given: it lands in ours.
-    stale = loras_dir / f"{training.TMP_PREFIX}999-dead"
+    stale = loras_dir / f"{lora_save.TMP_PREFIX}999-dead"
     stale.mkdir()
     (stale / ".tmpAbC123").write_bytes(b"x" * 1000)
-    stale_file = loras_dir / f"{training.TMP_PREFIX}998-dead.part"
+    stale_file = loras_dir / f"{lora_save.TMP_PREFIX}998-dead.part"
     stale_file.write_bytes(b"x")
-    live = loras_dir / f"{training.TMP_PREFIX}{os.getpid()}-live"
+    live = loras_dir / f"{lora_save.TMP_PREFIX}{os.getpid()}-live"
     live.mkdir()
-    old = training._STARTED - 3600
+    old = lora_save._STARTED - 3600
     for p in (stale, stale_file):
         os.utime(p, (old, old))
     folder_paths.filename_list_cache.pop("loras", None)
-    assert not [n for n in folder_paths.get_filename_list("loras") if training.TMP_PREFIX in n]
-    assert training.plan_save(str(loras_dir), "next", ["_slow", "_fast"], overwrite=False)
+    assert not [n for n in folder_paths.get_filename_list("loras") if lora_save.TMP_PREFIX in n]
+    assert lora_save.plan_save(str(loras_dir), "next", ["_slow", "_fast"], overwrite=False)
     assert not stale.exists() and not stale_file.exists() and live.exists()
-    assert time.time() >= training._STARTED
+    assert time.time() >= lora_save._STARTED
 
 
 def test_distiller_save_name_is_checked_before_distilling(comfy_nodes, tiny, loras_dir):

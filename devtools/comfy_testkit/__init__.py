@@ -2,7 +2,7 @@
 
 - Lets ComfyUI's stock loaders load the tiny seeded models: their safetensors carry the tiny
   config in metadata, and ComfyUI's shape-based detection assumes full-size head counts
-  (reference comfyui_runtime.md §4), so the detected config is completed from the metadata.
+  (its ``detect_unet_config``), so the detected config is completed from the metadata.
 - ``GlanceTestkitTextEncode`` stands in for CLIPTextEncode: real FLUX/Qwen text encoders are
   gigabytes; it returns a conditioning of the tiny models' shape, seeded by the text.
 - With ``$GLANCE_TESTKIT_TINY_PROMPTS`` = N (set by ``ComfyServer(tiny_prompts=N)``), every queued
