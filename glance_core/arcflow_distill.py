@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import GlanceError, arcflow, arcflow_model, training
+from . import GlanceError, arcflow, arcflow_model, architectures, checkpoint, lora_layer, training
 
 
 @dataclass
@@ -43,19 +43,17 @@ def initial_heads(model_patcher, k: int, gen: torch.Generator) -> dict[str, torc
     channel), gates 0 (uniform), λ bias = ln of log-spaced γ in [0.2, 4]; norm = the base norm. float32 on the
     CPU: attach_heads puts them on the load device."""
     model = model_patcher.model
-    norm_path, proj_path, swap = arcflow_model._layout(model)
-    proj, norm = model_patcher.get_model_object(proj_path), model_patcher.get_model_object(norm_path)
+    arch = architectures.of(model, "ArcFlow")
+    proj, norm = model_patcher.get_model_object(arch.proj_path), model_patcher.get_model_object(arch.norm_path)
     cfg = model.model_config.unet_config
     p2, ch = cfg.get("patch_size", 2) ** 2, cfg.get("out_channels", 16)
     hidden = proj.in_features
     w = _dense(proj.weight)
     b = _dense(proj.bias) if proj.bias is not None else torch.zeros(w.shape[0])
     noise = 0.05 * torch.randn(k, ch, 1, generator=gen).expand(k, ch, p2).reshape(-1)
-    nw = _dense(norm.weight)
-    nb = _dense(norm.bias) if norm.bias is not None else None
-    if swap:  # stored in diffusers order, like a released adapter
-        nw = torch.cat(nw.chunk(2, 0)[::-1], 0)
-        nb = torch.cat(nb.chunk(2, 0)[::-1], 0) if nb is not None else None
+    # stored in diffusers order, like a released adapter
+    nw = arch.to_comfy_norm(_dense(norm.weight))
+    nb = arch.to_comfy_norm(_dense(norm.bias) if norm.bias is not None else None)
     out = {
         "norm_out.linear.weight": nw,
         "proj_out_means.weight": w.repeat(k, 1),
@@ -139,8 +137,8 @@ def iteration(
     return losses
 
 
-@training.outside_inference_mode(grad=None)
-@training.training_mode()
+@checkpoint.outside_inference_mode(grad=None)
+@checkpoint.training_mode()
 def distill(
     model_patcher,
     captions: list[tuple[list, list | None]],
@@ -170,7 +168,7 @@ def distill(
         raise GlanceError(f"ArcFlow Distiller: learning_rate must be a finite number > 0 (got {lr}); try 1e-3.")
     gen = torch.Generator().manual_seed(seed)
     student = model_patcher.clone()
-    lora = training.TrainableLoRA(model_patcher, targets, rank, float(rank), gen)
+    lora = lora_layer.TrainableLoRA(model_patcher, targets, rank, float(rank), gen)
     student.set_injections(f"arcflow_lora_{seed}", [pe.PatcherInjection(inject=lora.inject, eject=lora.eject)])
     state = arcflow_model.attach_heads(student, initial_heads(model_patcher, k, gen), k, shift, trainable=True)
     heads, norm = student.attachments[arcflow_model.STATE_KEY + "_modules"]
@@ -179,7 +177,7 @@ def distill(
     gamma_params = [p for name, p in heads.named_parameters() if "loggamma" in name]
     other_heads = [p for p in head_params if all(p is not g for g in gamma_params)]
     params = lora.parameters() + head_params + norm_params
-    training.block_patches(student, params)
+    checkpoint.block_patches(student, params)
     opt = torch.optim.AdamW(
         [{"params": lora.parameters() + other_heads + norm_params}, {"params": gamma_params, "lr": lr * 0.1}],
         lr=lr,
@@ -207,7 +205,7 @@ def distill(
         guider.sample(
             torch.zeros_like(x[:1]),
             torch.zeros_like(x[:1]),
-            training._OneStep(one).sampler,
+            training.one_step_sampler(one),
             dummy,
             disable_pbar=True,
             seed=seed,

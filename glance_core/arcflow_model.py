@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import GlanceError, arcflow
+from . import GlanceError, arcflow, architectures, lora_files
 
 HEADS = ("proj_out_means", "proj_out_logweights", "proj_out_loggamma")
 STATE_KEY = "glance_arcflow"
@@ -120,16 +120,8 @@ class PolicyHeads(torch.nn.Module):
         }
 
 
-def _layout(model) -> tuple[str, str, bool]:
-    """(norm module path, projection module path, swap scale/shift) for FLUX or Qwen-Image."""
-    import comfy.model_base
-
-    if isinstance(model, comfy.model_base.QwenImage):
-        return "diffusion_model.norm_out.linear", "diffusion_model.proj_out", False
-    if isinstance(model, comfy.model_base.Flux):
-        # diffusers' AdaLayerNormContinuous emits (scale, shift); ComfyUI's FLUX LastLayer chunks (shift, scale).
-        return "diffusion_model.final_layer.adaLN_modulation.1", "diffusion_model.final_layer.linear", True
-    raise GlanceError(f"ArcFlow adapters exist for FLUX and Qwen-Image; the model is {type(model).__name__}.")
+def _arch(model):
+    return architectures.of(model, "ArcFlow")
 
 
 def split_adapter(sd: dict[str, torch.Tensor]) -> tuple[dict, dict]:
@@ -143,7 +135,8 @@ def check_heads(model_patcher, full: dict[str, torch.Tensor], name: str) -> int:
     """Validate the full tensors against the model; returns K. Errors name the tensor and both shapes."""
     refuse_arcflow_model(model_patcher, "ArcFlow Adapter Loader")
     model = model_patcher.model
-    norm_path, proj_path, _ = _layout(model)
+    arch = _arch(model)
+    norm_path, proj_path = arch.norm_path, arch.proj_path
     # get_model_object: the base modules even while another clone has its object patches applied
     proj = model_patcher.get_model_object(proj_path)
     norm = model_patcher.get_model_object(norm_path)
@@ -211,26 +204,6 @@ def compute_dtype(model) -> torch.dtype:
 IMPLAUSIBLE = 1e6
 
 
-def check_finite(sd: dict[str, torch.Tensor], name: str) -> None:
-    """Refuse an adapter with NaN/inf or absurd values anywhere: it would sample a black or noise image."""
-    for key in sorted(sd):
-        t = sd[key]
-        if not t.is_floating_point() or t.device.type == "meta" or t.numel() == 0:
-            continue
-        if not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).sum())
-            raise GlanceError(
-                f"{name}: tensor {key!r} holds {bad} NaN/inf value(s) of {t.numel()}: the file is corrupt or was "
-                f"saved from a diverged run. Download the adapter again, or distil a new one."
-            )
-        peak = float(t.abs().max())
-        if peak > IMPLAUSIBLE:
-            raise GlanceError(
-                f"{name}: tensor {key!r} holds a value of {peak:.3g}, far beyond any trained adapter (|v| ≤ "
-                f"{IMPLAUSIBLE:.0e}): the file is corrupt. Download the adapter again, or distil a new one."
-            )
-
-
 def apply_arcflow(
     model_patcher, adapter: dict[str, torch.Tensor], name: str, strength: float = 1.0, shift: float = 3.2
 ):
@@ -244,10 +217,11 @@ def apply_arcflow(
         raise GlanceError(f"ArcFlow Adapter Loader: shift must be > 0 (got {shift}); the adapters use 3.2.")
     lora, full = split_adapter(adapter)
     k = check_heads(model_patcher, full, name)
-    check_finite(adapter, name)
+    # The LoRA part gets the same check (a LoRA's bound) in parse_lora.
+    lora_files.check_values(full, name, IMPLAUSIBLE, "Download the adapter again, or distil a new one.")
     m = model_patcher.clone()
     if lora:
-        if experts.is_flux(model_patcher.model):
+        if _arch(model_patcher).name == "flux":
             lora = {(k_ if k_.startswith("transformer.") else f"transformer.{k_}"): v for k_, v in lora.items()}
         m.add_patches(experts.parse_lora(model_patcher, lora, name), strength)
     attach_heads(m, full, k, shift)
@@ -265,13 +239,12 @@ def attach_heads(m, full: dict[str, torch.Tensor], k: int, shift: float, trainab
     import comfy.patcher_extension as pe
 
     model = m.model
-    norm_path, proj_path, swap = _layout(model)
+    arch = _arch(model)
+    norm_path, proj_path = arch.norm_path, arch.proj_path
     norm = m.get_model_object(norm_path)
     proj = m.get_model_object(proj_path)
-    w, b = full["norm_out.linear.weight"], full.get("norm_out.linear.bias")
-    if swap:
-        w = torch.cat(w.chunk(2, 0)[::-1], 0)
-        b = torch.cat(b.chunk(2, 0)[::-1], 0) if b is not None else None
+    w = arch.to_comfy_norm(full["norm_out.linear.weight"])
+    b = arch.to_comfy_norm(full.get("norm_out.linear.bias"))
     cfg = model.model_config.unet_config
     state = ArcFlowState(k=k, channels=cfg.get("out_channels", 16), patch=cfg.get("patch_size", 2))
     if trainable:
@@ -293,12 +266,9 @@ def attach_heads(m, full: dict[str, torch.Tensor], k: int, shift: float, trainab
 def export_heads(m) -> dict[str, torch.Tensor]:
     """The full-tensor part of an adapter (diffusers order, float32) from a patcher made by attach_heads."""
     heads, norm = m.attachments[STATE_KEY + "_modules"]
-    _, _, swap = _layout(m.model)
-    w = norm.linear.weight.detach().to(torch.float32)
-    b = norm.linear.bias.detach().to(torch.float32) if norm.linear.bias is not None else None
-    if swap:
-        w = torch.cat(w.chunk(2, 0)[::-1], 0)
-        b = torch.cat(b.chunk(2, 0)[::-1], 0) if b is not None else None
+    arch = _arch(m.model)
+    w = arch.to_comfy_norm(norm.linear.weight.detach().to(torch.float32))
+    b = arch.to_comfy_norm(norm.linear.bias.detach().to(torch.float32) if norm.linear.bias is not None else None)
     out = {"norm_out.linear.weight": w.clone()}
     if b is not None:
         out["norm_out.linear.bias"] = b.clone()

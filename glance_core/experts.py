@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import GlanceError, architectures
+from . import GlanceError, lora_files
 from .lora_layer import LoRALayers, ModuleDelta, is_linear
 
 log = logging.getLogger("comfyui-glance")
@@ -85,31 +85,6 @@ def _module_of(model: torch.nn.Module, weight_key: str) -> tuple[str, torch.nn.M
     return module_name, module, param
 
 
-def check_finite(lora_sd: dict[str, torch.Tensor], name: str) -> None:
-    """Refuse NaN, inf and overflowing values (they would sample a black image without an error)."""
-    for key, t in lora_sd.items():
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.numel() == 0 or t.is_meta:
-            continue
-        t = t.detach()
-        if not bool(torch.isfinite(t).all()):
-            raise GlanceError(
-                f"LoRA {name!r}: tensor {key!r} contains NaN or inf values; the file is broken (a diverged training "
-                f"or a bad conversion). Re-export or retrain it, or pick another file."
-            )
-        peak = float(t.abs().max())
-        if peak > MAX_ABS_VALUE:
-            raise GlanceError(
-                f"LoRA {name!r}: tensor {key!r} holds a value of magnitude {peak:.3g}, above {MAX_ABS_VALUE:g} (it "
-                f"overflows half-precision sampling). The file is broken: re-export or retrain it, or pick another."
-            )
-
-
-def is_flux(model) -> bool:
-    """Kept for the ArcFlow loader until it reads the table."""
-    arch = architectures.find(model)
-    return arch is not None and arch.name == "flux"
-
-
 def parse_lora(model_patcher, lora_sd: dict[str, torch.Tensor], name: str) -> dict:
     """ComfyUI's patch dict for ``lora_sd`` on this model (its own key maps and weight adapters).
 
@@ -120,7 +95,7 @@ def parse_lora(model_patcher, lora_sd: dict[str, torch.Tensor], name: str) -> di
     import comfy.lora
     import comfy.lora_convert
 
-    check_finite(lora_sd, name)
+    lora_files.check_values(lora_sd, f"LoRA {name!r}", MAX_ABS_VALUE, "Re-export or retrain it, or pick another file.")
     base_model = model_patcher.model
     key_map = comfy.lora.model_lora_keys_unet(base_model, {})
     sd = _RecordingDict(comfy.lora_convert.convert_lora(dict(lora_sd)))

@@ -73,3 +73,25 @@ def load_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]
         while len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)
     return sd, metadata
+
+
+def check_values(sd: dict[str, torch.Tensor], label: str, limit: float, fix: str) -> None:
+    """Refuse NaN, inf and values beyond ``limit`` in a file's tensors, naming the tensor: they would sample a
+    black image without an error. ``label`` names the file for the user, ``fix`` says what to do."""
+    for key in sorted(sd):
+        t = sd[key]
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.numel() == 0 or t.is_meta:
+            continue
+        t = t.detach()
+        finite = torch.isfinite(t)
+        if not bool(finite.all()):
+            raise GlanceError(
+                f"{label}: tensor {key!r} holds {int((~finite).sum())} NaN or inf value(s) of {t.numel()}: the "
+                f"file is broken (a diverged training or a bad conversion). {fix}"
+            )
+        peak = float(t.abs().max())
+        if peak > limit:
+            raise GlanceError(
+                f"{label}: tensor {key!r} holds a value of magnitude {peak:.3g}, above {limit:g}: the file is "
+                f"broken. {fix}"
+            )

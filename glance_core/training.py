@@ -28,21 +28,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-# save_lora_atomic, fine_grid and teacher_trajectories are also imported for the ArcFlow distiller and the
-# teacher's scripts, which read them from here until they import the new modules.
 from . import GlanceError, architectures
 from .checkpoint import _outside_blocks, block_patches, normal_weights, outside_inference_mode, training_mode
 from .lora_layer import TrainableLoRA, random_indices, random_normal
-from .lora_save import save_lora_atomic  # noqa: F401
-from .rollouts import euler_steps, fine_grid, teacher_trajectories  # noqa: F401
+from .rollouts import euler_steps
 
 #: Kept for bench/bench_fidelity.py until it reads the table: (rank, alpha, lr) per family.
 OFFICIAL = {a.name: (a.rank, a.alpha, a.learning_rate) for a in architectures.ARCHITECTURES.values()}
-
-
-def architecture(model_patcher) -> str:
-    """The family name (kept for the ArcFlow distiller node until it reads the table)."""
-    return architectures.of(model_patcher, "The trainer").name
 
 
 @dataclass
@@ -103,13 +95,6 @@ def one_step_sampler(fn: Callable | None = None, swap: bool = True):
     """A ComfyUI Sampler running ``fn(model_wrap, extra_args, latent)`` once per ``guider.sample``; ``swap``: with
     the weights outside the blocks swapped for normal tensors (off when ``fn`` swaps per step itself)."""
     return _sampler_class()(fn, swap)
-
-
-class _OneStep:
-    """Kept for the ArcFlow distiller until it calls :func:`one_step_sampler`."""
-
-    def __init__(self, fn: Callable):
-        self.sampler = one_step_sampler(fn)
 
 
 def clone_conditioning(cond):

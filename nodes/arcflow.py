@@ -10,10 +10,19 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from ..glance_core import GlanceError, arcflow_distill, arcflow_model, arcflow_sampler, lora_files, training
+from ..glance_core import (
+    GlanceError,
+    arcflow_distill,
+    arcflow_model,
+    arcflow_sampler,
+    architectures,
+    lora_files,
+    lora_save,
+    oneshot,
+    training,
+)
 from ..glance_core.plots import loss_curve
-from . import trainer
-from .common import CATEGORY, caption_inputs, guidance_inputs, require_flow_model, save_inputs
+from .common import CATEGORY, caption_inputs, guidance_inputs, progress_text, require_flow_model, save_inputs
 
 
 class ArcFlowLoader(io.ComfyNode):
@@ -213,7 +222,7 @@ class ArcFlowDistiller(io.ComfyNode):
     ) -> io.NodeOutput:
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
         require_flow_model(model, "ArcFlow Distiller")
-        training.architecture(model)
+        architectures.of(model, "ArcFlow Distiller")
         arcflow_model.refuse_arcflow_model(model, "ArcFlow Distiller")
         arcflow_distill.check_resolution(model, resolution)
         for label, value in (("learning_rate", learning_rate), ("shift", shift), ("cfg", cfg)):
@@ -221,14 +230,14 @@ class ArcFlowDistiller(io.ComfyNode):
                 raise GlanceError(f"ArcFlow Distiller: {label} must be a finite number > 0 (got {value}).")
         path = None
         if save_name.strip():
-            path = trainer.save_paths(save_name, [""], overwrite)[""]
-        conds = trainer.caption_list(positive, clip, captions)
+            path = oneshot.save_paths(save_name, [""], overwrite)[""]
+        conds = oneshot.caption_list(positive, clip, captions)
         neg = training.clone_conditioning(negative) if negative is not None else None
         pbar = comfy.utils.ProgressBar(iterations, node_id=node_id)
 
         def on_step(i: int, loss: float) -> None:
             pbar.update_absolute(i + 1, iterations)
-            trainer.progress_text(f"ArcFlow distillation: iteration {i + 1}/{iterations}, loss {loss:.5f}", node_id)
+            progress_text(f"ArcFlow distillation: iteration {i + 1}/{iterations}, loss {loss:.5f}", node_id)
 
         result = arcflow_distill.distill(
             model,
@@ -242,7 +251,7 @@ class ArcFlowDistiller(io.ComfyNode):
             lr=learning_rate,
             batch=batch,
             seed=seed,
-            latent_shape=trainer.latent_shape(model, resolution, None),
+            latent_shape=oneshot.latent_shape(model, resolution, None),
             on_step=on_step,
         )
         if path:
@@ -258,7 +267,7 @@ class ArcFlowDistiller(io.ComfyNode):
                 "glance.rank": str(rank),
                 "glance.scale_convention": "alpha = rank (scale 1)",
             }
-            training.save_lora_atomic(path, result.adapter, meta, overwrite=overwrite)
+            lora_save.save_lora_atomic(path, result.adapter, meta, overwrite=overwrite)
         loaded = arcflow_model.apply_arcflow(model, result.adapter, "distilled adapter", 1.0, shift)
         curve = loss_curve({"ArcFlow": result.losses}, title=f"ArcFlow distillation, {steps} steps, K={components}")
         return io.NodeOutput(loaded, result.adapter, curve)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import comfy.model_sampling
 from comfy_api.latest import io
 
@@ -58,3 +60,33 @@ def save_inputs(files: str) -> list:
             tooltip="Allow replacing existing files of the same name (otherwise an error).",
         ),
     ]
+
+
+def progress_text(text: str, node_id: str | None) -> None:
+    try:
+        from server import PromptServer
+
+        if PromptServer.instance is not None and node_id is not None:
+            PromptServer.instance.sendprogress_text(text, node_id)
+    except (ImportError, AttributeError):
+        pass
+
+
+def check_choice(name: str, value, options: list[str]) -> None:
+    """ComfyUI 0.3.75 does not check combo values against their lists; the node does."""
+    if value not in options:
+        raise GlanceError(f"{name} {value!r} is not one of {', '.join(map(repr, options))}: pick one of these.")
+
+
+def check_at_least(**values: tuple[int, int]) -> None:
+    """Integer inputs below their minimum (ComfyUI's server refuses them; a script or an older front end may not)."""
+    for name, (v, low) in values.items():
+        if v < low:
+            raise GlanceError(f"{name} is {v}: it must be at least {low}.")
+
+
+def check_finite(**values: float) -> None:
+    """NaN passes ComfyUI's min/max check (every comparison with NaN is False); refuse it and ±inf by name."""
+    for name, v in values.items():
+        if v is not None and not math.isfinite(float(v)):
+            raise GlanceError(f"{name} is {v}: it must be a finite number. Set a value in its range.")

@@ -2,52 +2,27 @@
 
 from __future__ import annotations
 
-import math
-
 import comfy.utils
 from comfy_api.latest import io
 
-from ..glance_core import GlanceError, oneshot
-
-# caption_list, latent_shape and save_paths are read from here by the ArcFlow Distiller node until it imports them.
-from ..glance_core.oneshot import caption_list, latent_shape, save_paths  # noqa: F401
-from .common import CATEGORY, caption_inputs, guidance_inputs, require_flow_model, save_inputs
+from ..glance_core import oneshot
+from .common import (
+    CATEGORY,
+    caption_inputs,
+    check_at_least,
+    check_choice,
+    check_finite,
+    guidance_inputs,
+    progress_text,
+    require_flow_model,
+    save_inputs,
+)
 
 OBJECTIVES = ["official", "trajectory"]
 EXPERTS = ["both", "slow", "fast"]
 TARGET_PRESETS = ["official", "attention", "all_linear"]
 #: The integer inputs' minima (as the schema declares them).
 MINIMA = {"steps": 1, "rank": 0, "batch": 1, "resolution": 32, "noises": 1, "teacher_steps": 4}
-
-
-def progress_text(text: str, node_id: str | None) -> None:
-    try:
-        from server import PromptServer
-
-        if PromptServer.instance is not None and node_id is not None:
-            PromptServer.instance.sendprogress_text(text, node_id)
-    except (ImportError, AttributeError):
-        pass
-
-
-def check_choice(name: str, value, options: list[str]) -> None:
-    """ComfyUI 0.3.75 does not check combo values against their lists; the node does."""
-    if value not in options:
-        raise GlanceError(f"{name} {value!r} is not one of {', '.join(map(repr, options))}: pick one of these.")
-
-
-def check_at_least(**values: tuple[int, int]) -> None:
-    """Integer inputs below their minimum (ComfyUI's server refuses them; a script or an older front end may not)."""
-    for name, (v, low) in values.items():
-        if v < low:
-            raise GlanceError(f"{name} is {v}: it must be at least {low}.")
-
-
-def check_finite(**values: float) -> None:
-    """NaN passes ComfyUI's min/max check (every comparison with NaN is False); refuse it and ±inf by name."""
-    for name, v in values.items():
-        if v is not None and not math.isfinite(float(v)):
-            raise GlanceError(f"{name} is {v}: it must be a finite number. Set a value in its range.")
 
 
 class OneShotTrainer(io.ComfyNode):

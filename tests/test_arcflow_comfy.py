@@ -134,7 +134,7 @@ def test_sampler_refuses_what_it_cannot_do(comfy_nodes, tiny, arc):
 
 @pytest.mark.parametrize("arch,config", [("flux", "FLUX_DEV"), ("qwen_image", "QWEN_IMAGE")])
 def test_full_size_official_layout_loads(comfy_nodes, glance, tiny, arch, config):
-    """The released adapters' key list and shapes (reference arcflow.md §5) fit the full-size ComfyUI model."""
+    """The released adapters' key list and shapes fit the full-size ComfyUI model."""
     import importlib
 
     import comfy.model_patcher

@@ -294,10 +294,10 @@ def test_distiller_iteration_on_cuda(comfy_nodes, glance, tiny):
 @pytest.mark.parametrize(
     "key,value,msg",
     [
-        ("proj_out_means.bias", float("nan"), r"'proj_out_means\.bias' holds 1 NaN/inf"),
-        ("norm_out.linear.weight", float("inf"), r"'norm_out\.linear\.weight' holds 1 NaN/inf"),
-        ("proj_out_means.bias", 1e30, r"'proj_out_means\.bias' holds a value of 1e\+30, far beyond"),
-        ("LORA", float("nan"), r"'single_transformer_blocks\.0\.proj_mlp\.lora_B\.weight' holds 1 NaN/inf"),
+        ("proj_out_means.bias", float("nan"), r"'proj_out_means\.bias' holds 1 NaN or inf"),
+        ("norm_out.linear.weight", float("inf"), r"'norm_out\.linear\.weight' holds 1 NaN or inf"),
+        ("proj_out_means.bias", 1e30, r"'proj_out_means\.bias' holds a value of magnitude 1e\+30"),
+        ("LORA", float("nan"), r"'single_transformer_blocks\.0\.proj_mlp\.lora_B\.weight' holds 1 NaN or inf"),
     ],
 )
 def test_non_finite_adapter_tensors_are_refused_by_name(comfy_nodes, tiny, loras_dir, key, value, msg):
@@ -308,7 +308,7 @@ def test_non_finite_adapter_tensors_are_refused_by_name(comfy_nodes, tiny, loras
     sd[key][0] = value
     sd[key] = sd[key].reshape(tiny.arcflow_adapter("flux", 3)[key].shape)
     tiny.save_lora(loras_dir / "bad.safetensors", sd)
-    with pytest.raises(ValueError, match=r"bad\.safetensors: tensor " + msg):
+    with pytest.raises(ValueError, match=r"bad\.safetensors'?: tensor " + msg):
         _n(comfy_nodes, "ArcFlowLoader").execute(model, "bad.safetensors", 1.0, 3.2)
 
 

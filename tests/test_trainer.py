@@ -247,9 +247,10 @@ def test_gradients_through_inplace_blocks_match_finite_differences(comfy_nodes, 
 
     training = importlib.import_module(glance.__name__ + ".glance_core.training")
     checkpoint = importlib.import_module(glance.__name__ + ".glance_core.checkpoint")
+    lora_layer = importlib.import_module(glance.__name__ + ".glance_core.lora_layer")
     model = tiny.build("flux", 0)
     gen = torch.Generator().manual_seed(0)
-    lora = training.TrainableLoRA(model, "official", 2, 2.0, gen)
+    lora = lora_layer.TrainableLoRA(model, "official", 2, 2.0, gen)
     for t in lora.targets:
         t.B.data.normal_(0, 0.1, generator=gen)
     student = model.clone()

@@ -24,6 +24,11 @@ def training(glance):
 
 
 @pytest.fixture(scope="module")
+def lora_layer(glance):
+    return importlib.import_module(glance.__name__ + ".glance_core.lora_layer")
+
+
+@pytest.fixture(scope="module")
 def lora_save(glance):
     return importlib.import_module(glance.__name__ + ".glance_core.lora_save")
 
@@ -128,7 +133,7 @@ def test_training_switch_is_on_while_training_and_restored_after_error_and_stop(
 # ---------------------------------------------------------------------------------------------
 # Devices and dtypes
 # ---------------------------------------------------------------------------------------------
-def test_training_step_hot_path_stays_on_a_cuda_load_device(comfy_nodes, tiny, training):
+def test_training_step_hot_path_stays_on_a_cuda_load_device(comfy_nodes, tiny, training, lora_layer):
     """FakeTensorMode makes "cuda" tensors on this CPU build and raises on any cpu/cuda mix: the LoRA factors,
     their forward hooks on every target layer, the official noise/target and the trajectory states/targets of a
     training step all live on the model's load device. (Fake CUDA cannot record autograd here, hence no_grad.)"""
@@ -136,7 +141,7 @@ def test_training_step_hot_path_stays_on_a_cuda_load_device(comfy_nodes, tiny, t
 
     patcher = tiny.build("flux", 0, device="cuda")  # load device cuda; ComfyUI would move the weights there
     with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
-        lora = training.TrainableLoRA(patcher, "official", 4, 4.0, None)
+        lora = lora_layer.TrainableLoRA(patcher, "official", 4, 4.0, None)
         assert all(p.device.type == "cuda" and p.dtype == torch.float32 for p in lora.parameters())
         lora.enabled = True
         outs = []
@@ -199,7 +204,7 @@ def test_trains_on_fp8_weights_loaded_like_unetloader(comfy_nodes, tiny, flux, p
     assert all(torch.equal(v.view(torch.uint8), state[k].view(torch.uint8)) for k, v in _state(model).items())
 
 
-def test_mixed_precision_linear_layers_are_trained(comfy_nodes, tiny, photo, flux, training):
+def test_mixed_precision_linear_layers_are_trained(comfy_nodes, tiny, photo, flux, training, lora_layer):
     """ComfyUI's mixed-precision ops (quantized checkpoints) use a Linear class that is not torch.nn.Linear: its
     layers are LoRA targets like any other, not "no layer matches"."""
     import json
@@ -233,8 +238,8 @@ def test_mixed_precision_linear_layers_are_trained(comfy_nodes, tiny, photo, flu
     assert not isinstance(qkv, torch.nn.Linear)
     if per_layer_quant:
         assert type(qkv.weight).__name__ == "QuantizedTensor" or "Quantized" in type(qkv.weight.data).__name__
-    lora = training.TrainableLoRA(model, "official", 2, 2.0, torch.Generator().manual_seed(0))
-    expect = training.TrainableLoRA(plain, "official", 2, 2.0, torch.Generator().manual_seed(0))
+    lora = lora_layer.TrainableLoRA(model, "official", 2, 2.0, torch.Generator().manual_seed(0))
+    expect = lora_layer.TrainableLoRA(plain, "official", 2, 2.0, torch.Generator().manual_seed(0))
     assert [t.name for t in lora.targets] == [t.name for t in expect.targets]
     # The library routine (the node's phase-aware output is the loader's business).
     with torch.inference_mode():
@@ -249,7 +254,7 @@ def test_mixed_precision_linear_layers_are_trained(comfy_nodes, tiny, photo, flu
     assert float(res.state_dict["transformer.transformer_blocks.0.attn.to_q.lora_B.weight"].abs().max()) > 0
 
 
-def test_a_partially_loaded_model_trains_like_a_fully_loaded_one(comfy_nodes, tiny, training, checkpoint):
+def test_a_partially_loaded_model_trains_like_a_fully_loaded_one(comfy_nodes, tiny, training, checkpoint, lora_layer):
     """Low VRAM: ComfyUI loads only part of the model and casts the other layers' weights per call
     (``comfy_cast_weights``). A training step's loss and LoRA gradients on such a model equal those on the fully
     loaded one, and the base model is unchanged after unloading. (CPU runs never partially load on their own, so
@@ -265,7 +270,7 @@ def test_a_partially_loaded_model_trains_like_a_fully_loaded_one(comfy_nodes, ti
     xt, target = training.official_pair(x0, 0.7, 2, gen)
 
     def step(budget: int | None):
-        lora = training.TrainableLoRA(model, "official", 2, 2.0, torch.Generator().manual_seed(1))
+        lora = lora_layer.TrainableLoRA(model, "official", 2, 2.0, torch.Generator().manual_seed(1))
         for t in lora.targets:
             t.B.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(2))
         student = model.clone()
