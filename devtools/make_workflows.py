@@ -212,7 +212,7 @@ def _glance_nodes(g: Graph, unet: Node, preset: str, shift_terminal: float, lora
                 "fast_lora": f"{lora_prefix}_fast.safetensors",
                 "slow_strength": 1.0,
                 "fast_strength": 1.0,
-                "boundary_sigma": 0.9,
+                "boundary_sigma": -1.0,
             },
             size=(380, 200),
         )
@@ -438,7 +438,7 @@ def _trainer(
                 "target_layers": "official",
                 "batch": 1,
                 "resolution": resolution,
-                "boundary_sigma": 0.9,
+                "boundary_sigma": -1.0,
                 "cfg": cfg,
                 "noises": 8,
                 "teacher_steps": 50,

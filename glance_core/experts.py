@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import GlanceError, lora_files
+from . import GlanceError, architectures, lora_files, schedules
 from .lora_layer import LoRALayers, ModuleDelta, is_linear
 
 log = logging.getLogger("comfyui-glance")
@@ -276,6 +276,32 @@ def _as_lowrank(patch, offset, function, param: str) -> tuple[int, torch.Tensor,
     if not math.isfinite(scale):
         raise GlanceError(f"LoRA alpha {alpha} gives a non-finite scale; the file is broken: pick another file.")
     return row, down.detach(), up.detach(), scale
+
+
+#: boundary_sigma value meaning "the connected model's official Glance preset boundary".
+AUTO_BOUNDARY = -1.0
+
+
+def resolve_boundary(model, boundary_sigma: float) -> float:
+    """``boundary_sigma``, or for AUTO the official preset boundary of the connected model's architecture."""
+    if not isinstance(boundary_sigma, (int, float)) or not math.isfinite(boundary_sigma):
+        raise GlanceError(
+            f"boundary_sigma must be a finite number (got {boundary_sigma!r}); wire it from the scheduler."
+        )
+    if boundary_sigma == AUTO_BOUNDARY:
+        arch = architectures.find(model)
+        if arch is not None:
+            return schedules.preset(arch.preset).boundary
+        raise GlanceError(
+            f"boundary_sigma -1 (auto) knows the official boundary of FLUX.1 and Qwen-Image only, not of this "
+            f"{type(model.model).__name__} model: wire boundary_sigma from Glance Slow/Fast Scheduler, or type it."
+        )
+    if boundary_sigma < 0:
+        raise GlanceError(
+            f"boundary_sigma must be a finite number >= 0, or -1 for auto (got {boundary_sigma}); wire it from "
+            f"Glance Slow/Fast Scheduler."
+        )
+    return boundary_sigma
 
 
 def expert_for(sigma: float, boundary: float) -> str:

@@ -123,7 +123,7 @@ def train(
     image=None,
     vae=None,
     sigmas=None,
-    boundary_sigma: float = 0.9,
+    boundary_sigma: float = experts.AUTO_BOUNDARY,
     negative=None,
     cfg: float = 1.0,
     noises: int = 8,
@@ -151,6 +151,7 @@ def train(
     if sigmas is not None:
         sig = [float(s) for s in sigmas]
         schedules.validate_sigmas(sig)
+        boundary_sigma = experts.resolve_boundary(model, boundary_sigma)
         slow = sum(1 for s in sig[:-1] if experts.expert_for(s, boundary_sigma) == "slow")
         sched = schedules.SlowFastSchedule(tuple(sig), slow)
     else:

@@ -7,37 +7,16 @@ import math
 import folder_paths
 from comfy_api.latest import io
 
-from ..glance_core import GlanceError, architectures, experts, lora_files, schedules
+from ..glance_core import GlanceError, experts, lora_files
 from .common import CATEGORY, require_flow_model
 
 NONE = "None"
-#: boundary_sigma value meaning "the connected model's official Glance preset boundary".
-AUTO = -1.0
 
 
 def _finite(name: str, value: float) -> float:
     if not isinstance(value, (int, float)) or not math.isfinite(value):
         raise GlanceError(f"{name} must be a finite number (got {value!r}); type a number such as 1.0.")
     return float(value)
-
-
-def resolve_boundary(model, boundary_sigma: float) -> float:
-    """``boundary_sigma``, or for AUTO the official preset boundary of the connected model's architecture."""
-    boundary_sigma = _finite("boundary_sigma", boundary_sigma)
-    if boundary_sigma == AUTO:
-        arch = architectures.find(model)
-        if arch is not None:
-            return schedules.preset(arch.preset).boundary
-        raise GlanceError(
-            f"boundary_sigma -1 (auto) knows the official boundary of FLUX.1 and Qwen-Image only, not of this "
-            f"{type(model.model).__name__} model: wire boundary_sigma from Glance Slow/Fast Scheduler, or type it."
-        )
-    if boundary_sigma < 0:
-        raise GlanceError(
-            f"boundary_sigma must be a finite number >= 0, or -1 for auto (got {boundary_sigma}); wire it from "
-            f"Glance Slow/Fast Scheduler."
-        )
-    return boundary_sigma
 
 
 def _lora_expert(model, name: str, strength: float, role: str, lora_model: dict | None = None):
@@ -101,8 +80,8 @@ class PhaseAwareLoRALoader(io.ComfyNode):
                 ),
                 io.Float.Input(
                     "boundary_sigma",
-                    default=AUTO,
-                    min=AUTO,
+                    default=experts.AUTO_BOUNDARY,
+                    min=experts.AUTO_BOUNDARY,
                     max=10.0,
                     step=0.001,
                     tooltip="Switch point in sigma (0..1 for flow models): evaluations at sigma >= this use "
@@ -133,7 +112,7 @@ class PhaseAwareLoRALoader(io.ComfyNode):
         fast_lora: str,
         slow_strength: float = 1.0,
         fast_strength: float = 1.0,
-        boundary_sigma: float = AUTO,
+        boundary_sigma: float = experts.AUTO_BOUNDARY,
         slow_lora_model: dict | None = None,
         fast_lora_model: dict | None = None,
     ) -> io.NodeOutput:
@@ -141,7 +120,7 @@ class PhaseAwareLoRALoader(io.ComfyNode):
         # Cheap checks first: a bad number must not cost a LoRA load.
         slow_strength = _finite("slow_strength", slow_strength)
         fast_strength = _finite("fast_strength", fast_strength)
-        boundary_sigma = resolve_boundary(model, boundary_sigma)
+        boundary_sigma = experts.resolve_boundary(model, boundary_sigma)
         slow = _lora_expert(model, slow_lora, slow_strength, "Slow", slow_lora_model)
         fast = _lora_expert(model, fast_lora, fast_strength, "Fast", fast_lora_model)
         return io.NodeOutput(experts.apply_phase_lora(model, slow, fast, boundary_sigma))

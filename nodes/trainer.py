@@ -136,13 +136,14 @@ class OneShotTrainer(io.ComfyNode):
                 ),
                 io.Float.Input(
                     "boundary_sigma",
-                    default=0.9,
-                    min=0.0,
+                    default=-1.0,
+                    min=-1.0,
                     max=10.0,
                     step=0.001,
                     optional=True,
                     tooltip="Slow/Fast boundary of the connected sigmas (sigma, 0..1 for flow models; wire it from the "
-                    "scheduler); ignored without sigmas.",
+                    "scheduler; -1 = auto, the model's official boundary: FLUX.1 0.9349, Qwen-Image 0.8990); "
+                    "ignored without sigmas.",
                 ),
                 *guidance_inputs(
                     "trajectory: negative caption for CFG (Qwen-Image official: ' ').",

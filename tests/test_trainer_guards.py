@@ -4,6 +4,7 @@ fp8 and mixed-precision weights, and bad input refused before any work (real Com
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import threading
 import time
@@ -478,3 +479,28 @@ def test_distiller_save_name_is_checked_before_distilling(comfy_nodes, tiny, lor
     with pytest.raises(ValueError, match="taken.safetensors already exists"), torch.inference_mode():
         distiller.execute(m, tiny.conditioning("flux", 1), save_name="taken", **args)
     assert calls[0] == 0
+
+
+def test_unwired_boundary_with_connected_sigmas_is_the_models_own(comfy_nodes, tiny, flux, photo, loras_dir):
+    """Sigmas wired in, boundary left at its default: the FLUX boundary (0.934885) splits the FLUX schedule 5 + 5.
+    (The old default 0.9 was Qwen-Image's: it put σ = 0.92665 into the Slow expert on FLUX.)"""
+    from safetensors import safe_open
+
+    from glance_core import schedules
+
+    model, vae = flux
+    sigmas = torch.tensor(schedules.PRESETS["glance_flux"])
+    train(
+        comfy_nodes,
+        model,
+        tiny.conditioning("flux", 1),
+        steps=1,
+        image=photo,
+        vae=vae,
+        sigmas=sigmas,
+        save_name="auto_boundary",
+    )
+    for expert, expected in (("slow", sigmas[:5]), ("fast", sigmas[5:10])):
+        with safe_open(str(loras_dir / f"auto_boundary_{expert}.safetensors"), "pt") as f:
+            drawn = json.loads(f.metadata()["glance.timesteps"])
+        assert drawn == pytest.approx([float(s) for s in expected], abs=1e-6), expert
