@@ -16,8 +16,9 @@ One module per idea:
 - ``lora_save``: save plan, all-or-nothing writes and metadata of trained LoRAs.
 - ``oneshot``: the One-Shot Trainer's job from inputs to outputs.
 - ``plots``: the loss curve as an IMAGE.
-- ``arcflow``: ArcFlow's momentum-mixture maths (pure torch).
+- ``arcflow``: ArcFlow's momentum-mixture maths and the policy object (pure torch).
 - ``arcflow_model``: ArcFlow heads attached to a ComfyUI model by object patches.
+- ``arcflow_sampler``: ArcFlow's sampling loop (a k-diffusion-style sampler function).
 - ``arcflow_distill``: data-free distillation of an ArcFlow adapter.
 - ``reference_model``: the pack's small pixel-space reference teacher.
 """
