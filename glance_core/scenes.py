@@ -18,10 +18,9 @@ Some compositions are never drawn in training (``HELD_OUT_PAIRS`` of colour and 
 shape, relation, shape): ``held_out_captions`` asks for them, ``seen_captions`` for compositions training drew.
 
 The score finds the objects procedurally: each pixel takes the nearest palette colour (or none, when far from
-all), connected components of one colour are objects, and a component's shape is read from how much of its bounding
-box it fills (square ≈ 1, circle ≈ π/4) and, for the
-upright triangle, how little of its area lies above its middle. Numpy and scipy only: the demo, the benchmark and the
-training script share it.
+all), connected components of one colour are objects, and a component's shape is read from its bounding box: an
+upright triangle has a third of its area above the box's middle, a square fills the box up to its corners, a circle
+does not reach them. Numpy and scipy only: the demo, the benchmark and the training script share it.
 """
 
 from __future__ import annotations
@@ -338,8 +337,12 @@ def find_objects(image: np.ndarray, tolerance: float = 0.3) -> list[Found]:
             fill = len(ys) / box
             middle = (ys.min() + ys.max()) / 2
             top, bottom = (ys < middle).sum(), (ys > middle).sum()
-            # an upright triangle has a third of its area above its middle; circles and squares half
-            shape = "triangle" if top < 0.6 * bottom else "square" if fill > 0.9 else "circle"
+            mask = labels[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1] == i
+            corners = int(mask[0, 0]) + int(mask[0, -1]) + int(mask[-1, 0]) + int(mask[-1, -1])
+            # an upright triangle has a third of its area above its middle, circles and squares half; a square
+            # fills its box up to the corners, a small circle nearly fills its box but never its corners
+            square = fill >= 0.95 or (fill > 0.8 and corners >= 3)
+            shape = "triangle" if top < 0.6 * bottom else "square" if square else "circle"
             out.append(Found(name, shape, float(xs.mean()), float(ys.mean()), len(ys), fill))
     return out
 
