@@ -59,10 +59,15 @@ def _model_config_class():
     import comfy.latent_formats
     import comfy.supported_models
 
+    class Pixels(comfy.latent_formats.ChromaRadiance):
+        """ComfyUI's pixel-space latent format, saying so: a latent pixel is an image pixel."""
+
+        spacial_downscale_ratio = 1
+
     class PixelFlux(comfy.supported_models.Flux):
         """ComfyUI's FLUX config with the pixel-space (3-channel, identity) latent format."""
 
-        latent_format = comfy.latent_formats.ChromaRadiance
+        latent_format = Pixels
 
     return PixelFlux
 
