@@ -181,11 +181,18 @@ def build_model(
     model = mc.get_model({})
     if state_dict is not None:
         sd = mc.process_unet_state_dict(dict(state_dict))  # FLUX file names → this ComfyUI's parameter names
-        missing, unexpected = model.diffusion_model.load_state_dict(sd, strict=False)
+        redo = "Re-create the file with python -m devtools.train_reference."
+        try:
+            missing, unexpected = model.diffusion_model.load_state_dict(sd, strict=False)
+        except RuntimeError as e:  # shapes that disagree with the stored config
+            detail = str(e).split("\n\t")[1:2] or [str(e)[:200]]
+            raise GlanceError(
+                f"{name or 'The reference model file'} does not fit its config: {detail[0]} {redo}"
+            ) from None
         if missing or unexpected:
             raise GlanceError(
                 f"{name or 'The reference model file'} does not fit its config: missing {missing[:3]}, unexpected "
-                f"{unexpected[:3]}. Re-create the file with python -m devtools.train_reference."
+                f"{unexpected[:3]}. {redo}"
             )
     load_device = torch.device(device) if device else mm.get_torch_device()
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=mm.unet_offload_device())

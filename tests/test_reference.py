@@ -113,7 +113,7 @@ def _bad_files(rm, tmp_path: Path) -> dict[str, tuple[Path, str]]:
     no_text = {k: v for k, v in sd.items() if k != rm.TEXT_KEY}
     save_file(no_text, str(tmp_path / "notext.safetensors"), metadata=meta)
     out["notext.safetensors"] = (tmp_path / "notext.safetensors", "notext.safetensors: no 'text_embedding.weight'")
-    shrunk = {k: v[..., :-1] if k.endswith("img_in.weight") else v for k, v in sd.items()}
+    shrunk = {k: v[..., :-1].contiguous() if k.endswith("img_in.weight") else v for k, v in sd.items()}
     save_file(shrunk, str(tmp_path / "shrunk.safetensors"), metadata=meta)
     out["shrunk.safetensors"] = (tmp_path / "shrunk.safetensors", "shrunk.safetensors does not fit its config")
     return out
