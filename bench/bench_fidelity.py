@@ -230,7 +230,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seeds", type=int, default=SEEDS, help="noises per caption")
     ap.add_argument("--quick", action="store_true", help="1 seed, 3 training steps: a smoke run, not the benchmark")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadiest on a shared CPU)")
+    ap.add_argument("--trajectory", default="", help="override the trajectory recipe, e.g. steps=100,batch=8")
+    ap.add_argument("--captions", default="1,6,48", help="caption counts of the trajectory group's rows")
     args = ap.parse_args(argv)
+    for kv in filter(None, args.trajectory.split(",")):
+        k, v = kv.split("=")
+        TRAJECTORY[k] = type(TRAJECTORY[k])(v)
     torch.set_num_threads(args.threads)
     comfy_env.import_comfy()
     import comfy.samplers
@@ -319,14 +324,11 @@ def main(argv: list[str] | None = None) -> dict:
             imgs = b.images(pool(n), seed=2)
             trained(f"Glance official, {n} images", 10, glance[10], "official", images=imgs, steps=max(60, 2 * n))
     if "trajectory" in groups:
-        for label, caps in (
-            ("1 caption", HANDFUL[:1]),
-            (f"{len(HANDFUL)} captions", HANDFUL),
-            ("48 captions", pool(48)),
-        ):
-            noises = TRAJECTORY["noises"] if len(caps) < 48 else 1
+        for count in map(int, args.captions.split(",")):
+            label = "1 caption" if count == 1 else f"{count} captions"
+            noises = TRAJECTORY["noises"] if count < 48 else 1
             trained(
-                f"Glance trajectory, {label}", 10, glance[10], "trajectory", gain_goal(10, 6.0), captions=caps,
+                f"Glance trajectory, {label}", 10, glance[10], "trajectory", gain_goal(10, 6.0), captions=pool(count),
                 noises=noises,
             )  # fmt: skip
     if "steps" in groups:
