@@ -56,6 +56,8 @@ def test_loader_and_caption_nodes_give_a_comfy_flux_in_pixel_space(glance, comfy
     image = torch.rand(1, 32, 32, 3)
     latent = vae.encode(image)
     assert latent.shape == (1, 3, 32, 32) and torch.allclose(vae.decode(latent), image, atol=1e-6)
+    # the trainer's and distiller's rollouts at resolution 32 are 32 x 32 images (a latent pixel is a pixel here)
+    assert glance.nodes.trainer.latent_shape(model, 32, None) == (1, 3, 32, 32)
 
 
 def test_bad_captions_are_named(glance, ref):
