@@ -132,16 +132,18 @@ COLUMNS = [
 ]
 
 
-def reference_demo(srv: ComfyServer, info: dict, out: Path, repeats: int) -> dict:
+def reference_demo(srv: ComfyServer, info: dict, out: Path, repeats: int, quick: bool = False) -> dict:
     from glance_core import scenes
 
     ui = json.loads((comfy_env.REPO / "workflows" / "glance_reference_demo.json").read_text())
     workflow.check_links(ui, info)
     api = workflow.to_api(ui, info)
     n = REF_NODES
-    Image.fromarray((scenes.render(api[n["loader"]]["inputs"]["prompt"], 0) * 255).round().astype(np.uint8)).save(
-        srv.base / "input" / SCENE_IMAGE
-    )
+    if quick:  # a smoke run of the code path, not the demo
+        api[n["trainer"]]["inputs"].update(steps=3, noises=1)
+    # the trainer wants at least 64 px a side: the 32-px scene, each pixel 4 x 4 (it resizes back to 32)
+    scene = (scenes.render(api[n["loader"]]["inputs"]["prompt"], 0) * 255).round().astype(np.uint8)
+    Image.fromarray(scene.repeat(4, 0).repeat(4, 1)).save(srv.base / "input" / SCENE_IMAGE)
     euler = json.loads(json.dumps(api))
     euler[n["glance_guider"]]["inputs"]["model"] = [n["loader"], 0]  # the teacher itself on the Glance sigmas
     official = _official(api)
@@ -150,7 +152,7 @@ def reference_demo(srv: ComfyServer, info: dict, out: Path, repeats: int) -> dic
     print(f"reference demo: trained the Slow/Fast experts (trajectory) and sampled in {train_s:.1f} s", flush=True)
     official_s = None
     rows, tiles = [], []
-    for cap in HELD_OUT:
+    for cap in HELD_OUT[:2] if quick else HELD_OUT:
         for a in (api, euler, official):
             a[n["caption"]]["inputs"]["text"] = cap
         # ComfyUI reports only the nodes it ran: an unchanged prompt would come back empty from its cache.
@@ -221,6 +223,7 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--out", type=Path, default=comfy_env.REPO / "out" / "demo")
     ap.add_argument("--size", type=int, default=512, help="image size in pixels (the workflows say 1024)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per workflow (new seed each, warm model)")
+    ap.add_argument("--quick", action="store_true", help="3 training steps, 2 captions: a smoke run of the code")
     args = ap.parse_args(argv)
 
     out = args.out.resolve()
@@ -234,7 +237,7 @@ def main(argv: list[str] | None = None) -> Path:
     results = {}
     with ComfyServer(base) as srv:
         info = srv.object_info()
-        ref = reference_demo(srv, info, out, args.repeats)
+        ref = reference_demo(srv, info, out, args.repeats, args.quick)
         for name, label in RUNS:
             ui = json.loads((comfy_env.REPO / "workflows" / f"{name}.json").read_text())
             workflow.check_links(ui, info)
