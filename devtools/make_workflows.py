@@ -535,7 +535,7 @@ REFERENCE_TRAINING_CAPTIONS = [
     "a triangle",
 ]
 #: The trajectory recipe of the demo's One-Shot Trainer (measured on the reference teacher: README).
-REFERENCE_TRAINER = {"steps": 150, "rank": 8, "alpha": 8.0, "learning_rate": 5e-4, "batch": 16, "noises": 4}
+REFERENCE_TRAINER = {"steps": 100, "rank": 8, "alpha": 8.0, "learning_rate": 1e-3, "batch": 8, "noises": 4}
 
 
 def glance_reference_demo() -> Graph:
