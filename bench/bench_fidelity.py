@@ -39,7 +39,7 @@ HANDFUL = [
     "a circle and a triangle",
     "a triangle",
 ]
-#: The training recipe of the trajectory rows (measured on this teacher: see README, "How much training").
+#: The training recipe of the trajectory rows (what it gives on this teacher: docs/fidelity.md).
 TRAJECTORY = dict(targets="all_linear", rank=8, alpha=8.0, lr=5e-4, batch=16, steps=300, noises=4)
 OFFICIAL_STEPS = 60
 ARCFLOW_ITERATIONS = 600

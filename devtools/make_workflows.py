@@ -534,7 +534,7 @@ REFERENCE_TRAINING_CAPTIONS = [
     "a circle and a triangle",
     "a triangle",
 ]
-#: The trajectory recipe of the demo's One-Shot Trainer (measured on the reference teacher: README).
+#: The trajectory recipe of the demo's One-Shot Trainer, sized for the demo's time (what it gives: README, Benchmarks).
 REFERENCE_TRAINER = {"steps": 100, "rank": 8, "alpha": 8.0, "learning_rate": 1e-3, "batch": 8, "noises": 4}
 
 
