@@ -432,7 +432,9 @@ def _curve(losses: list[float], path: Path) -> None:
     lo, hi = float(y.min()), float(y.max()) + 1e-9
     pts = [(10 + i * (w - 20) / max(1, len(y) - 1), h - 20 - (v - lo) / (hi - lo) * (h - 40)) for i, v in enumerate(y)]
     d.line(pts, fill="black")
-    d.text((10, 4), f"ArcFlow distillation loss (log10, smoothed): {10**hi:.3g} → {10 ** y[-1]:.3g}", fill="black")
+    d.text(
+        (10, 4), f"ArcFlow distillation loss (log10, smoothed): max {10**hi:.3g}, last {10 ** y[-1]:.3g}", fill="black"
+    )
     im.save(path)
 
 
