@@ -1,17 +1,19 @@
 """The pack's reference teacher: a narrow FLUX (ComfyUI's own ``Flux`` class) that works in pixel space.
 
 No FLUX or Qwen-Image weights can be shipped, so the pack ships its own small flow-matching model, trained
-by ``python -m devtools.train_reference`` on photographs bundled with scikit-image. Every Glance / ArcFlow code
-path runs on it unchanged, because it *is* a ComfyUI Flux model:
+by ``python -m devtools.train_reference`` on scenes of coloured shapes drawn in code (``glance_core.scenes``).
+Every Glance / ArcFlow code path runs on it unchanged, because it *is* a ComfyUI Flux model:
 
 - the latent is the image itself (3 channels in [-1, 1]: ComfyUI's ``pixel_space`` VAE and the
   ChromaRadiance latent format), so no VAE weights are needed;
 - the text encoder is a tiny learnt word embedding stored in the same file: a caption is a few words from
-  the file's vocabulary (e.g. ``"coffee close"``), each word one context token, their mean the pooled vector.
+  the file's vocabulary (e.g. ``"a red circle left of a blue square"``), each word one context token plus a
+  learnt vector for its slot, their mean the pooled vector.
 
-The file: diffusion-model tensors under their ComfyUI names, the embedding under ``text_embedding.weight``,
-and in the metadata the model config (``glance.reference.config``) and the vocabulary
-(``glance.reference.vocab``; word 0 is the empty caption, used for CFG's negative).
+The file: diffusion-model tensors under FLUX's names, the embedding under ``text_embedding.weight`` and the
+slot vectors under ``text_embedding.position``, and in the metadata the model config (``glance.reference.config``;
+ComfyUI's own detection fills the rest), the vocabulary (``glance.reference.vocab``; word 0 is the empty caption,
+used for CFG's negative) and training facts (``glance.reference.info``, with the context length).
 """
 
 from __future__ import annotations
