@@ -1,17 +1,17 @@
-"""Fidelity of Glance and ArcFlow on the pack's reference teacher, against its own 50-step output.
+"""Fidelity and prompt-following of Glance and ArcFlow on the pack's reference teacher, against its 50-step output.
 
-    .venv/bin/python -m bench.bench_fidelity            (≈ 10 min on 2 CPU cores; writes out/bench_fidelity/)
+    .venv/bin/python -m bench.bench_fidelity [--rows teacher,trajectory,...] [--quick]   (one thread; long: see README)
 
-Same noises, same conditions for every row. Conditions are (caption, seed) pairs: 12 held-out captions × 5 seeds =
-60 held-out conditions (no adapter saw these captions), and 2 of the 4 "handful" captions (one of them the one-image
-caption) × 5 seeds as seen conditions (new noises: the trajectory objective's rollouts used other seeds). The
-teacher samples with CFG 3 (negative: the empty caption), which is what bends its trajectories; ArcFlow distils that
-CFG in and samples at cfg 1.
+Same noises for every row (per caption, seeded from the caption). Held-out conditions: the 18 captions of
+``glance_core.scenes.held_out_captions`` (compositions the teacher never drew, captions no adapter saw) × seeds.
+Seen conditions: the handful of captions the adapters train on (``HANDFUL``; the one-caption rows use its first),
+with noises no rollout used. The teacher samples with CFG 3 (negative: the empty caption); ArcFlow distils the CFG in.
 
-Columns: PSNR and SSIM to the teacher's 50-step output (mean over conditions), the sliced Wasserstein distance
-(SWD, pixel space, 256 random directions) between the set of the row's held-out outputs and the set of the teacher's
-(a distribution distance: it ignores which output came from which noise), and the wall time of the row's sampling ÷
-that of the 50-step run (training time not included; it is in train_s).
+Columns: PSNR and SSIM to the teacher's 50-step output from the same noise; the exact prompt-following score of
+``glance_core.scenes`` (GenEval-style mean over categories), absolute and ÷ the teacher's 50-step score; the sliced
+Wasserstein distance (SWD, pixel space, 256 directions) between the row's held-out outputs and the teacher's
+(a distribution distance, ignores which output came from which noise); sampling wall time ÷ the 50-step run;
+training time; and whether the row meets its goal (the ``goal`` column).
 """
 
 from __future__ import annotations
@@ -26,59 +26,68 @@ import numpy as np
 import torch
 
 from devtools import comfy_env
+from glance_core import scenes
 
 CFG = 3.0
-SEEDS = 5
-HELD_OUT = [f"{w} {f}" for w in ("cat", "moon", "retina", "brick", "clock", "face") for f in ("wide", "close")]
-POOL = [
-    f"{w} {f}"
-    for w in (
-        "astronaut",
-        "coffee",
-        "rocket",
-        "coins",
-        "camera",
-        "galaxy",
-        "tissue",
-        "colorwheel",
-        "motorcycle",
-        "grass",
-        "gravel",
-    )
-    for f in ("wide", "close")
+SEEDS = 4
+#: The adapters' training captions: one per category (the one-caption rows use the first).
+HANDFUL = [
+    "a red circle left of a blue square",
+    "two blue squares",
+    "a red square and a blue circle",
+    "a yellow square",
+    "a circle and a triangle",
+    "a triangle",
 ]
-ONE = "astronaut wide"
-HANDFUL = ["astronaut wide", "coffee close", "galaxy wide", "grass close"]
-SEEN = HANDFUL[:2]  # seen by the 1-image / 1-caption and the handful rows
+#: The training recipe of the trajectory rows (what it gives on this teacher: docs/fidelity.md).
+TRAJECTORY = dict(targets="all_linear", rank=8, alpha=8.0, lr=5e-4, batch=16, steps=300, noises=4)
+OFFICIAL_STEPS = 60
+ARCFLOW_ITERATIONS = 600
 
 
 def _pack(name: str):
     return importlib.import_module(f"{comfy_env.pack().__name__}.{name}")
 
 
+def pool(n: int, seed: int = 5) -> list[str]:
+    """``n`` distinct training captions (compositions the teacher drew), the handful first."""
+    rng = np.random.default_rng(seed)
+    out = list(HANDFUL[:n])
+    while len(out) < n:
+        c = scenes.random_spec(rng).caption
+        if c not in out:
+            out.append(c)
+    return out
+
+
 class Bench:
-    def __init__(self, ref_path: Path, quick: bool):
+    def __init__(self, ref_path: Path, seeds: int, quick: bool):
         self.rm = _pack("glance_core.reference_model")
         self.training = _pack("glance_core.training")
         self.experts = _pack("glance_core.experts")
         self.schedules = _pack("glance_core.schedules")
         self.arcflow_model = _pack("glance_core.arcflow_model")
         self.arcflow_distill = _pack("glance_core.arcflow_distill")
-        self.arcflow_nodes = _pack("nodes.arcflow")
+        self.arcflow_sampler = _pack("glance_core.arcflow_sampler")
+        self.architectures = _pack("glance_core.architectures")
+        self.rollouts = _pack("glance_core.rollouts")
         self.ref = self.rm.load(ref_path)
         self.model = self.ref.model
         self.ms = self.model.get_model_object("model_sampling")
         self.neg = self.ref.encode("")
+        self.size = int(self.ref.info.get("size", scenes.SIZE))
+        self.seeds = seeds
         self.quick = quick
-        self.size = self.ref.info.get("size", 32)
-        self.seeds = 2 if quick else SEEDS
+
+    def cond(self, caption: str) -> list:
+        return self.training.clone_conditioning(self.ref.encode(caption))
 
     # -- sampling ---------------------------------------------------------------------------------------
-    def noise(self, caption: str, offset: int = 0) -> torch.Tensor:
-        g = torch.Generator().manual_seed(hash_caption(caption) + offset)
+    def noise(self, caption: str) -> torch.Tensor:
+        g = torch.Generator().manual_seed(hash_caption(caption))
         return torch.randn((self.seeds, 3, self.size, self.size), generator=g)
 
-    def sample(self, model, captions: list[str], sigmas, sampler=None, cfg: float = CFG, offset: int = 0):
+    def sample(self, model, captions: list[str], sigmas, sampler=None, cfg: float = CFG):
         """Images [N, H, W, 3] in [0, 1] for every caption × seed, and the wall time of the sampling."""
         import comfy.samplers
 
@@ -89,7 +98,7 @@ class Bench:
             guider = comfy.samplers.CFGGuider(model)
             guider.set_conds(self.ref.encode(cap), self.neg if cfg != 1.0 else [])
             guider.set_cfg(cfg)
-            noise = self.noise(cap, offset)
+            noise = self.noise(cap)
             t = time.perf_counter()
             with torch.inference_mode():
                 x = guider.sample(noise, torch.zeros_like(noise), sampler, sig, disable_pbar=True, seed=0)
@@ -98,23 +107,16 @@ class Bench:
         return torch.cat(out).numpy(), elapsed
 
     # -- adapters ---------------------------------------------------------------------------------------
-    def crops(self, n: int, captions: list[str], seed: int) -> list[tuple[torch.Tensor, list]]:
-        """``n`` real training images (32×32 photo crops) with their captions, as (latent, conditioning)."""
-        from devtools import train_reference as tr
-
-        data = tr.photos()
-        g = torch.Generator().manual_seed(seed)
+    def images(self, captions: list[str], seed: int) -> list[tuple[torch.Tensor, list]]:
+        """Ground-truth scenes of ``captions`` as (latent [1, 3, H, W] in [-1, 1], conditioning)."""
         out = []
-        for i in range(n):
-            cap = captions[i % len(captions)]
-            word, framing = cap.split()
-            cond = self.training.clone_conditioning(self.ref.encode(cap))
-            out.append((tr.crop(data[word], framing, g).unsqueeze(0), cond))
+        for i, cap in enumerate(captions):
+            img = torch.from_numpy(scenes.render(cap, seed + i, self.size)).float().permute(2, 0, 1)
+            out.append((img.unsqueeze(0) * 2 - 1, self.cond(cap)))
         return out
 
-    def train(self, schedule, objective: str, *, images=None, captions=None, noises=4, single=False, steps=None):
-        steps = 4 if self.quick else steps
-        """Slow + Fast experts (or one expert on all steps when ``single``) → phase-aware model."""
+    def train(self, schedule, objective: str, *, images=None, captions=None, single=False, **budget):
+        """Slow + Fast experts (or one expert on all steps when ``single``) → phase-aware model, losses."""
         t = self.training
         s = list(schedule.sigmas)
         n_slow = schedule.slow_steps
@@ -125,47 +127,42 @@ class Bench:
                 "slow": t.ExpertJob("slow", s[:n_slow], s[1 : n_slow + 1]),
                 "fast": t.ExpertJob("fast", s[n_slow:-1], s[n_slow + 1 :]),
             }
-        rank, alpha, lr = t.OFFICIAL["flux"]
+        flux = self.architectures.ARCHITECTURES["flux"]
+        rank, alpha, lr = flux.rank, flux.alpha, flux.learning_rate
+        if objective == "official":
+            opts = dict(targets="official", rank=rank, alpha=alpha, lr=lr, batch=1, steps=OFFICIAL_STEPS)
+        else:
+            opts = dict(TRAJECTORY)
+        opts.update(budget)
+        if self.quick:
+            opts["steps"], opts["noises"] = 3, 1
+        noises = opts.pop("noises", 1)
         trajectories = None
         if objective == "trajectory":
-            grid = t.fine_grid(self.ms.percent_to_sigma, 50, s)
-            conds = [
-                (self.training.clone_conditioning(self.ref.encode(c)), self.training.clone_conditioning(self.neg))
-                for c in captions
-            ]
-            trajectories = t.teacher_trajectories(
-                self.model, conds, CFG, noises, 1234, (1, 3, self.size, self.size), grid, s
-            )
-        built = {}
+            grid = self.rollouts.fine_grid(self.ms.percent_to_sigma, 50, s)
+            conds = [(self.cond(c), self.training.clone_conditioning(self.neg)) for c in captions]
+            shape = (1, 3, self.size, self.size)
+            trajectories = self.rollouts.teacher_trajectories(self.model, conds, CFG, noises, 1234, shape, grid, s)
+        built, losses = {}, {}
         for i, (name, job) in enumerate(jobs.items()):
-            default_steps = 60 if objective == "official" else 100
             res = t.train_expert(
                 self.model,
                 job,
                 objective=objective,
                 positive=images[0][1] if images else trajectories["captions"][0]["positive"],
-                negative=None,
-                cfg=CFG,
-                rank=rank,
-                alpha=alpha,
-                lr=lr if objective == "official" else 1e-3,
-                steps=steps or default_steps,
                 seed=100 + i,
-                targets="official",
-                batch=1 if objective == "official" else 4,
                 images=images,
                 trajectories=trajectories,
                 weight_decay=0.01,
+                **opts,
             )
             built[name] = self.experts.build_expert(self.model, res.state_dict, 1.0, f"{objective} {name}")
+            losses[name] = res.losses
         boundary = 0.0 if single else schedule.boundary
-        return self.experts.apply_phase_lora(self.model, built.get("slow"), built.get("fast"), boundary)
+        return self.experts.apply_phase_lora(self.model, built.get("slow"), built.get("fast"), boundary), losses
 
     def arcflow(self, captions: list[str], iterations: int):
-        conds = [
-            (self.training.clone_conditioning(self.ref.encode(c)), self.training.clone_conditioning(self.neg))
-            for c in captions
-        ]
+        conds = [(self.cond(c), self.training.clone_conditioning(self.neg)) for c in captions]
         res = self.arcflow_distill.distill(
             self.model,
             conds,
@@ -180,14 +177,11 @@ class Bench:
             latent_shape=(1, 3, self.size, self.size),
         )
         model = self.arcflow_model.apply_arcflow(self.model, res.adapter, "distilled ArcFlow adapter")
-        return model, self.arcflow_distill_sigmas()
-
-    def arcflow_distill_sigmas(self):
-        return _pack("glance_core.arcflow").schedule(2, 3.2)
+        return model, res.losses
 
 
 def hash_caption(caption: str) -> int:
-    return int.from_bytes(caption.encode()[:6].ljust(6, b"_"), "little") % (2**31)
+    return int.from_bytes(caption.encode()[-6:].ljust(6, b"_"), "little") % (2**31) + len(caption)
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -211,60 +205,67 @@ def swd(a: np.ndarray, b: np.ndarray, directions: int = 256, seed: int = 0) -> f
     return float(((px - py) ** 2).mean().sqrt())
 
 
-def sheet(rows: list[tuple[str, np.ndarray]], path: Path, n: int = 10, scale: int = 3) -> None:
+def sheet(rows: list[tuple[str, np.ndarray]], path: Path, n: int = 12, scale: int = 3) -> None:
     from PIL import Image, ImageDraw
 
     size = rows[0][1].shape[1] * scale
-    label = 260
+    label = 330
     im = Image.new("RGB", (label + n * (size + 2), len(rows) * (size + 2)), "white")
     draw = ImageDraw.Draw(im)
     for r, (name, imgs) in enumerate(rows):
-        draw.text((4, r * (size + 2) + size // 2 - 6), name[:40], fill="black")
+        draw.text((4, r * (size + 2) + size // 2 - 6), name[:54], fill="black")
         for c in range(min(n, len(imgs))):
             tile = Image.fromarray((imgs[c] * 255).round().astype(np.uint8)).resize((size, size), Image.NEAREST)
             im.paste(tile, (label + c * (size + 2), r * (size + 2)))
     im.save(path)
 
 
+ROW_GROUPS = ("teacher", "official", "trajectory", "steps", "single", "arcflow")
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=None, help="reference model file (default: the shipped one)")
     ap.add_argument("--out", type=Path, default=comfy_env.REPO / "out" / "bench_fidelity")
-    ap.add_argument("--quick", action="store_true", help="2 seeds, short training: a smoke run, not the benchmark")
-    ap.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch CPU threads (1: a small model on a shared CPU "
-        "runs fastest and steadiest this way; oversubscribed threads made it ~15x slower here)",
-    )
+    ap.add_argument("--rows", default=",".join(ROW_GROUPS), help=f"groups of rows to run: {', '.join(ROW_GROUPS)}")
+    ap.add_argument("--seeds", type=int, default=SEEDS, help="noises per caption")
+    ap.add_argument("--quick", action="store_true", help="1 seed, 3 training steps: a smoke run, not the benchmark")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadiest on a shared CPU)")
+    ap.add_argument("--trajectory", default="", help="override the trajectory recipe, e.g. steps=100,batch=8")
+    ap.add_argument("--captions", default="1,6,48", help="caption counts of the trajectory group's rows")
     args = ap.parse_args(argv)
+    for kv in filter(None, args.trajectory.split(",")):
+        k, v = kv.split("=")
+        TRAJECTORY[k] = type(TRAJECTORY[k])(v)
     torch.set_num_threads(args.threads)
     comfy_env.import_comfy()
     import comfy.samplers
 
+    groups = set(args.rows.split(","))
     rm = _pack("glance_core.reference_model")
-    b = Bench(args.model or rm.ASSETS / rm.REFERENCE_NAME, args.quick)
+    b = Bench(args.model or rm.ASSETS / rm.REFERENCE_NAME, 1 if args.quick else args.seeds, args.quick)
     args.out.mkdir(parents=True, exist_ok=True)
     sch = b.schedules
     ms = b.ms
-    glance10 = sch.custom(ms.percent_to_sigma, 50, 5, 2, 5)
-    preset = sch.preset("glance_flux")
-    assert np.allclose(glance10.sigmas, preset.sigmas, atol=2e-5), (glance10.sigmas, preset.sigmas)
-    glance6 = sch.custom(ms.percent_to_sigma, 50, 3, 2, 3)
-    glance4 = sch.custom(ms.percent_to_sigma, 50, 2, 2, 2)
-    simple = {n: comfy.samplers.calculate_sigmas(ms, "simple", n).tolist() for n in (50, 10, 6, 4)}
-    held_out = HELD_OUT[:2] if args.quick else HELD_OUT
-    evals = [("held-out", held_out), ("seen", SEEN[:1] if args.quick else SEEN)]
+    glance = {10: sch.custom(ms.percent_to_sigma, 50, 5, 2, 5)}
+    glance[6] = sch.custom(ms.percent_to_sigma, 50, 3, 2, 3)
+    glance[4] = sch.custom(ms.percent_to_sigma, 50, 2, 2, 2)
+    arc2 = sch.SlowFastSchedule(tuple(_pack("glance_core.arcflow").schedule(2, 3.2)), 1)
+    simple = {n: comfy.samplers.calculate_sigmas(ms, "simple", n).tolist() for n in (50, 10, 6, 4, 2)}
+    held_out = scenes.held_out_captions()[:: 6 if args.quick else 1]
+    seen = HANDFUL[:2] if args.quick else HANDFUL
+    evals = [("held-out", held_out), ("seen", seen)]
     rows: list[dict] = []
     images: dict[str, np.ndarray] = {}
+    curves: dict[str, dict] = {}
 
-    teacher, t50 = {}, {}
+    teacher, t50, teacher_score = {}, {}, {}
     for split, caps in evals:
         teacher[split], t50[split] = b.sample(b.model, caps, simple[50])
+        teacher_score[split] = scenes.score(teacher[split], [c for c in caps for _ in range(b.seeds)])["overall"]
 
-    def row(name: str, n_eval: int, model, sigmas, train_s: float = 0.0, sampler=None, cfg=CFG):
-        res = {"row": name, "evaluations": n_eval, "train_s": round(train_s, 1)}
+    def row(name: str, n_eval: int, model, sigmas, train_s: float = 0.0, sampler=None, cfg=CFG, goal=None):
+        res: dict = {"row": name, "evaluations": n_eval * (2 if cfg != 1.0 else 1), "train_s": round(train_s, 1)}
         for split, caps in evals:
             if sigmas is None:  # the teacher's 50 steps: sampled above
                 out, el = teacher[split], t50[split]
@@ -272,102 +273,170 @@ def main(argv: list[str] | None = None) -> dict:
                 out, el = b.sample(model, caps, sigmas, sampler=sampler, cfg=cfg)
             res[f"{split} PSNR"] = float(psnr(out, teacher[split]).mean())
             res[f"{split} SSIM"] = float(ssim(out, teacher[split]).mean())
+            sc = scenes.score(out, [c for c in caps for _ in range(b.seeds)])
+            res[f"{split} score"] = sc["overall"]
+            res[f"{split} score ÷ teacher"] = sc["overall"] / max(teacher_score[split], 1e-9)
             if split == "held-out":
+                res["held-out categories"] = sc
                 res["SWD"] = swd(out, teacher[split])
                 res["sampling_s"] = el
-                res["time ratio"] = el / rows[0]["sampling_s"] if rows else 1.0  # ÷ the 50-step row (warm)
+                res["time ratio"] = el / t50["held-out"]
                 images[name] = out
+        res["goal"] = goal(res) if goal else ""
         rows.append(res)
         print(json.dumps(res), flush=True)
+        return res
+
+    def euler(n: int) -> float:
+        return next(r["held-out PSNR"] for r in rows if r["row"] == f"teacher, Euler on the Glance sigmas ({n})")
+
+    def gain_goal(n: int, want_db: float):
+        def check(r: dict) -> str:
+            gain = r["held-out PSNR"] - euler(n)
+            ok = gain >= want_db and r["held-out score ÷ teacher"] >= 0.95
+            return f"{'met' if ok else 'MISSED'}: {gain:+.1f} dB over Euler {n} (goal +{want_db:g}, score ≥ 0.95×)"
+
+        return check
+
+    def at_least(n: int):
+        def check(r: dict) -> str:
+            ok = r["held-out PSNR"] >= euler(n)
+            return f"{'met' if ok else 'MISSED'}: {r['held-out PSNR'] - euler(n):+.1f} dB vs plain Euler {n} (goal ≥)"
+
+        return check
 
     row("teacher, 50 steps", 50, b.model, None)
-    for n, sched in ((10, glance10), (6, glance6), (4, glance4)):
-        row(f"teacher, Euler on the Glance sigmas ({n})", n, b.model, sched.sigmas)
+    for n in (10, 6, 4):
+        row(f"teacher, Euler on the Glance sigmas ({n})", n, b.model, glance[n].sigmas)
+    for n in (10, 6, 4, 2):
         row(f"teacher, Euler on its simple schedule ({n})", n, b.model, simple[n])
+    row("teacher, Euler on ArcFlow's sigmas (2)", 2, b.model, arc2.sigmas)
 
-    def trained(name, n_eval, sched, objective, **kw):
+    def trained(name, n_eval, sched, objective, goal=None, **kw):
         t = time.perf_counter()
-        if args.quick:
-            kw.setdefault("steps", 4)
-            kw["noises"] = 1
-        m = b.train(sched, objective, **kw)
-        row(name, n_eval, m, sched.sigmas, time.perf_counter() - t)
+        model, losses = b.train(sched, objective, **kw)
+        curves[name] = losses
+        row(name, n_eval, model, sched.sigmas, time.perf_counter() - t, goal=goal)
 
-    one_image = b.crops(1, [ONE], seed=1)
-    many = {n: b.crops(n, POOL, seed=2) for n in (10, 100)}
-    trained("Glance official, 1 image", 10, glance10, "official", images=one_image)
-    trained("Glance trajectory, 1 caption", 10, glance10, "trajectory", captions=[ONE])
-    trained("Glance trajectory, 4 captions", 10, glance10, "trajectory", captions=HANDFUL)
-    trained("one LoRA on all 10 steps, official, 1 image", 10, glance10, "official", images=one_image, single=True)
-    trained(
-        "one LoRA on all 10 steps, trajectory, 4 captions", 10, glance10, "trajectory", captions=HANDFUL, single=True
-    )
-    for n in (10, 100):
-        trained(f"Glance official, {n} images", 10, glance10, "official", images=many[n], steps=max(60, 2 * n))
-        caps = POOL[:n]
+    one_image = b.images([HANDFUL[0]], seed=1)
+    if "official" in groups:
+        trained("Glance official, 1 image", 10, glance[10], "official", images=one_image)
+        for n in (10, 100):
+            imgs = b.images(pool(n), seed=2)
+            trained(f"Glance official, {n} images", 10, glance[10], "official", images=imgs, steps=max(60, 2 * n))
+    if "trajectory" in groups:
+        for count in map(int, args.captions.split(",")):
+            label = "1 caption" if count == 1 else f"{count} captions"
+            noises = TRAJECTORY["noises"] if count < 48 else 1
+            trained(
+                f"Glance trajectory, {label}", 10, glance[10], "trajectory", gain_goal(10, 6.0), captions=pool(count),
+                noises=noises,
+            )  # fmt: skip
+    if "steps" in groups:
+        for n in (6, 4):
+            trained(f"Glance official, 1 image, {n} steps", n, glance[n], "official", images=one_image)
+            trained(
+                f"Glance trajectory, {len(HANDFUL)} captions, {n} steps", n, glance[n], "trajectory",
+                at_least(10) if n == 4 else None, captions=HANDFUL,
+            )  # fmt: skip
+    if "single" in groups:
         trained(
-            f"Glance trajectory, {n} rollouts ({len(caps)} captions)",
-            10,
-            glance10,
-            "trajectory",
-            captions=caps,
-            noises=max(1, n // len(caps)),
+            "one LoRA on all 10 steps, official, 1 image", 10, glance[10], "official", images=one_image, single=True
         )
-    for n, sched in ((6, glance6), (4, glance4)):
-        trained(f"Glance official, 1 image, {n} steps", n, sched, "official", images=one_image)
-        trained(f"Glance trajectory, 4 captions, {n} steps", n, sched, "trajectory", captions=HANDFUL)
-    t = time.perf_counter()
-    af_model, af_sigmas = b.arcflow(POOL, 20 if args.quick else 120)
-    sampler = comfy.samplers.KSAMPLER(b.arcflow_nodes.sample_arcflow)
-    row(
-        "ArcFlow adapter distilled from the teacher (22 captions)",
-        2,
-        af_model,
-        af_sigmas,
-        time.perf_counter() - t,
-        sampler=sampler,
-        cfg=1.0,
-    )
+        trained(
+            f"one LoRA on all 10 steps, trajectory, {len(HANDFUL)} captions", 10, glance[10], "trajectory",
+            captions=HANDFUL, single=True,
+        )  # fmt: skip
+    if "arcflow" in groups:
+        t = time.perf_counter()
+        af_model, af_losses = b.arcflow(pool(48), 20 if args.quick else ARCFLOW_ITERATIONS)
+        curves["ArcFlow"] = {"distill": af_losses}
+        sampler = comfy.samplers.KSAMPLER(b.arcflow_sampler.sample)
+        e2 = next(r["held-out PSNR"] for r in rows if r["row"] == "teacher, Euler on ArcFlow's sigmas (2)")
+        e4 = next(r["held-out PSNR"] for r in rows if r["row"] == "teacher, Euler on its simple schedule (4)")
 
-    report(rows, args.out, images, b)
+        def arc_goal(r: dict) -> str:
+            ok = r["held-out PSNR"] >= e2 + 6 and r["held-out PSNR"] >= e4
+            d2, d4 = r["held-out PSNR"] - e2, r["held-out PSNR"] - e4
+            return f"{'met' if ok else 'MISSED'}: {d2:+.1f} dB over Euler 2 (goal +6), {d4:+.1f} vs Euler 4 (goal ≥)"
+
+        row(
+            f"ArcFlow, K = 8, {len(af_losses)} iterations, 48 captions", 2, af_model, arc2.sigmas,
+            time.perf_counter() - t, sampler=sampler, cfg=1.0, goal=arc_goal,
+        )  # fmt: skip
+        trained(
+            "K = 1 average-velocity student (trajectory, one LoRA, 2 steps)", 2, arc2, "trajectory", arc_goal,
+            captions=pool(48), noises=1, single=True,
+        )  # fmt: skip
+
+    report(rows, args.out, images, curves, b, teacher_score)
     return {"rows": rows}
 
 
-def report(rows: list[dict], out: Path, images: dict[str, np.ndarray], b: Bench) -> None:
-    cols = [
-        "row",
-        "evaluations",
-        "held-out PSNR",
-        "held-out SSIM",
-        "seen PSNR",
-        "seen SSIM",
-        "SWD",
-        "time ratio",
-        "train_s",
-    ]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+COLS = [
+    "row",
+    "evaluations",
+    "held-out PSNR",
+    "held-out SSIM",
+    "held-out score",
+    "held-out score ÷ teacher",
+    "seen PSNR",
+    "seen score",
+    "SWD",
+    "time ratio",
+    "train_s",
+    "goal",
+]
+
+
+def report(rows, out: Path, images, curves, b: Bench, teacher_score: dict) -> None:
+    lines = ["| " + " | ".join(COLS) + " |", "|" + "---|" * len(COLS)]
     for r in rows:
         cells = []
-        for c in cols:
+        for c in COLS:
             v = r[c]
+            three = ("SSIM", "score", "SWD", "ratio")
             cells.append(
                 f"{v:.3f}"
-                if isinstance(v, float) and c in ("held-out SSIM", "seen SSIM", "SWD", "time ratio")
+                if isinstance(v, float) and any(k in c for k in three)
                 else f"{v:.2f}"
                 if isinstance(v, float)
                 else str(v)
             )
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)
+    info = b.ref.info
     head = (
-        f"Reference teacher: {b.ref.info.get('trained_by', '?')}, {b.ref.info.get('steps', '?')} steps. "
-        f"CFG {CFG}; {len(HELD_OUT)}×{b.seeds} held-out and {len(SEEN)}×{b.seeds} seen conditions.\n\n"
+        f"Reference teacher: {info.get('trained_by', '?')}, {info.get('steps', '?')} steps. CFG {CFG}; "
+        f"{len(scenes.held_out_captions())} held-out captions and {len(HANDFUL)} seen captions × {b.seeds} noises. "
+        f"Teacher 50-step score: held-out {teacher_score['held-out']:.3f}, seen {teacher_score['seen']:.3f}. "
+        f"Trajectory recipe: {TRAJECTORY}.\n\n"
     )
     (out / "report.md").write_text(head + table + "\n")
-    (out / "report.json").write_text(json.dumps(rows, indent=1))
+    (out / "report.json").write_text(json.dumps({"rows": rows, "curves": curves}, indent=1))
     sheet([(k, v) for k, v in images.items()], out / "sheet.png")
+    if "ArcFlow" in curves:
+        _curve(curves["ArcFlow"]["distill"], out / "arcflow_curve.png")
     print(head + table)
     print(f"\nwrote {out / 'report.md'}, {out / 'sheet.png'}")
+
+
+def _curve(losses: list[float], path: Path) -> None:
+    from PIL import Image, ImageDraw
+
+    w, h = 480, 200
+    im = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(im)
+    y = np.log10(np.maximum(np.array(losses), 1e-12))
+    k = max(1, len(y) // 50)
+    y = np.convolve(y, np.ones(k) / k, mode="valid")
+    lo, hi = float(y.min()), float(y.max()) + 1e-9
+    pts = [(10 + i * (w - 20) / max(1, len(y) - 1), h - 20 - (v - lo) / (hi - lo) * (h - 40)) for i, v in enumerate(y)]
+    d.line(pts, fill="black")
+    d.text(
+        (10, 4), f"ArcFlow distillation loss (log10, smoothed): max {10**hi:.3g}, last {10 ** y[-1]:.3g}", fill="black"
+    )
+    im.save(path)
 
 
 if __name__ == "__main__":

@@ -3,9 +3,10 @@
     bash scripts/demo.sh            (= setup + python -m devtools.demo)
 
 1. The shipped demo workflow (workflows/glance_reference_demo.json) on the pack's reference teacher: the One-Shot
-   Trainer learns the Slow/Fast experts from ONE photo, then held-out captions are sampled with the 10-step Glance
-   graph and, from the same noise, with the teacher's 50 steps (and, for scale, plain 10-step Euler). Writes
-   reference_sheet.png and the times, speedup and fidelity (PSNR/SSIM to the 50-step output) into the report.
+   Trainer learns the Slow/Fast experts from the teacher's own rollouts for six captions ('trajectory'), then
+   held-out captions are sampled with the 10-step Glance graph and, from the same noise, with the teacher's 50 steps,
+   plain 10-step Euler and the released one-image recipe ('official'). Writes reference_sheet.png and the times,
+   speedup, prompt-following score and PSNR to the 50-step output into the report.
 2. Every other shipped workflow, on tiny seeded stand-ins of FLUX / Qwen-Image under the workflows' file names
    (random weights: those images are patterns, not pictures), timed.
 
@@ -66,18 +67,28 @@ def _median_time(srv: ComfyServer, api: dict, ui: dict, repeats: int) -> list[fl
     return times
 
 
-#: Captions the demo's experts never saw (they learn from the astronaut photo, caption "astronaut wide").
+#: Captions the demo samples: none of them among the experts' training captions, each a composition the teacher
+#: never saw (a colour–shape pair or a relation left out of its data), two per kind of scene that names colours.
 HELD_OUT = [
-    "cat close",
-    "moon wide",
-    "retina close",
-    "brick wide",
-    "clock close",
-    "face wide",
-    "gravel close",
-    "rocket wide",
+    "a green triangle left of a blue square",
+    "a red circle below a blue triangle",
+    "a yellow circle and a cyan triangle",
+    "a blue triangle and a purple square",
+    "two green triangles",
+    "three purple squares",
+    "a green triangle",
+    "a yellow circle",
 ]
-REF_NODES = {"caption": "4", "glance_guider": "8", "noise": "20", "glance_save": "25", "teacher_save": "28"}
+REF_NODES = {
+    "loader": "1",
+    "caption": "4",
+    "trainer": "10",
+    "glance_guider": "8",
+    "noise": "20",
+    "glance_save": "25",
+    "teacher_save": "28",
+}
+SCENE_IMAGE = "reference_scene.png"
 
 
 def _outputs(srv: ComfyServer, entry: dict, node: str) -> np.ndarray:
@@ -96,44 +107,73 @@ def _branch(api: dict, keep: str) -> dict:
     return {k: v for k, v in api.items() if k not in drop}
 
 
-def reference_demo(srv: ComfyServer, info: dict, out: Path, repeats: int) -> dict:
-    from skimage.metrics import structural_similarity
+def _official(api: dict) -> dict:
+    """The same graph with the released recipe: plain loss on ONE rendered scene and its caption (the loader's
+    prompt), the trainer's official settings."""
+    n = REF_NODES
+    api = json.loads(json.dumps(api))
+    api["90"] = {"class_type": "LoadImage", "inputs": {"image": SCENE_IMAGE}}
+    t = api[n["trainer"]]["inputs"]
+    t.update(objective="official", steps=60, rank=0, alpha=0.0, learning_rate=0.0, target_layers="official", batch=1)
+    t.update(image=["90", 0], vae=[n["loader"], 3], positive=[n["loader"], 1])
+    return _branch(api, "glance")
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = ((a - b) ** 2).reshape(len(a), -1).mean(1)
+    return float(np.mean(10 * np.log10(1 / np.maximum(mse, 1e-12))))
+
+
+COLUMNS = [
+    ("teacher", "teacher, 50 steps (100 evals)"),
+    ("glance", "Glance, 10 steps (20 evals)"),
+    ("euler10", "plain Euler, 10 steps (20 evals)"),
+    ("official", "Glance 'official', 1 image"),
+]
+
+
+def reference_demo(srv: ComfyServer, info: dict, out: Path, repeats: int, quick: bool = False) -> dict:
+    from glance_core import scenes
 
     ui = json.loads((comfy_env.REPO / "workflows" / "glance_reference_demo.json").read_text())
     workflow.check_links(ui, info)
     api = workflow.to_api(ui, info)
     n = REF_NODES
+    if quick:  # a smoke run of the code path, not the demo
+        api[n["trainer"]]["inputs"].update(steps=3, noises=1)
+    # the trainer wants at least 64 px a side: the 32-px scene, each pixel 4 x 4 (it resizes back to 32)
+    scene = (scenes.render(api[n["loader"]]["inputs"]["prompt"], 0) * 255).round().astype(np.uint8)
+    Image.fromarray(scene.repeat(4, 0).repeat(4, 1)).save(srv.base / "input" / SCENE_IMAGE)
     euler = json.loads(json.dumps(api))
-    euler[n["glance_guider"]]["inputs"]["model"] = ["1", 0]  # the teacher itself on the Glance sigmas
+    euler[n["glance_guider"]]["inputs"]["model"] = [n["loader"], 0]  # the teacher itself on the Glance sigmas
+    official = _official(api)
     default = api[n["caption"]]["inputs"]["text"]
     train_s, first = _timed_run(srv, api, ui)  # trains the experts (then cached) and samples the default caption
-    print(f"reference demo: trained the Slow/Fast experts on one photo and sampled in {train_s:.1f} s")
+    print(f"reference demo: trained the Slow/Fast experts (trajectory) and sampled in {train_s:.1f} s", flush=True)
+    official_s = None
     rows, tiles = [], []
-    for cap in HELD_OUT:
-        for a in (api, euler):
+    for cap in HELD_OUT[:2] if quick else HELD_OUT:
+        for a in (api, euler, official):
             a[n["caption"]]["inputs"]["text"] = cap
         # ComfyUI reports only the nodes it ran: an unchanged prompt would come back empty from its cache.
         entry = first if cap == default else _timed_run(srv, api, ui)[1]
-        glance = _outputs(srv, entry, n["glance_save"])
-        teacher = _outputs(srv, entry, n["teacher_save"])
-        plain = _outputs(srv, _timed_run(srv, _branch(euler, "glance"), ui)[1], n["glance_save"])
-        score = {}
-        for name, imgs in (("glance", glance), ("euler10", plain)):
-            mse = ((imgs - teacher) ** 2).reshape(len(imgs), -1).mean(1)
-            score[f"{name}_psnr"] = float(np.mean(10 * np.log10(1 / np.maximum(mse, 1e-12))))
-            score[f"{name}_ssim"] = float(
-                np.mean(
-                    [
-                        structural_similarity(x, y, channel_axis=-1, data_range=1.0, win_size=7)
-                        for x, y in zip(imgs, teacher)
-                    ]
-                )
-            )
-        rows.append({"caption": cap, **score})
-        tiles.append((cap, teacher, glance, plain))
+        imgs = {"glance": _outputs(srv, entry, n["glance_save"]), "teacher": _outputs(srv, entry, n["teacher_save"])}
+        imgs["euler10"] = _outputs(srv, _timed_run(srv, _branch(euler, "glance"), ui)[1], n["glance_save"])
+        t, entry = _timed_run(srv, official, ui)
+        official_s = official_s or t  # the first official run trains its experts
+        imgs["official"] = _outputs(srv, entry, n["glance_save"])
+        row = {"caption": cap}
+        for key, _ in COLUMNS:
+            row[f"{key}_score"] = scenes.score(imgs[key], [cap] * len(imgs[key]))["overall"]
+            if key != "teacher":
+                row[f"{key}_psnr"] = _psnr(imgs[key], imgs["teacher"])
+        rows.append(row)
+        tiles.append((cap, [imgs[k] for k, _ in COLUMNS], row))
         print(
-            f"  {cap:14s} Glance {score['glance_psnr']:.2f} dB / SSIM {score['glance_ssim']:.3f};  plain 10-step "
-            f"Euler {score['euler10_psnr']:.2f} dB / {score['euler10_ssim']:.3f}"
+            f"  {cap:40s} score teacher {row['teacher_score']:.2f} | Glance {row['glance_score']:.2f}, "
+            f"{row['glance_psnr']:.2f} dB | Euler 10 {row['euler10_score']:.2f}, {row['euler10_psnr']:.2f} dB | "
+            f"official {row['official_score']:.2f}, {row['official_psnr']:.2f} dB",
+            flush=True,
         )
     times = {}
     for name, a in (("glance", _branch(api, "glance")), ("teacher", _branch(api, "teacher"))):
@@ -143,7 +183,9 @@ def reference_demo(srv: ComfyServer, info: dict, out: Path, repeats: int) -> dic
     return {
         "captions": rows,
         "mean": mean,
+        "training": dict(api[n["trainer"]]["inputs"]),
         "first_run_with_training_s": round(train_s, 2),
+        "official_first_run_s": round(official_s or 0.0, 2),
         "glance_run_s": round(statistics.median(times["glance"]), 3),
         "teacher_run_s": round(statistics.median(times["teacher"]), 3),
         "speedup": round(statistics.median(times["teacher"]) / statistics.median(times["glance"]), 2),
@@ -151,24 +193,29 @@ def reference_demo(srv: ComfyServer, info: dict, out: Path, repeats: int) -> dic
 
 
 def _reference_sheet(tiles: list, path: Path, scale: int = 3) -> None:
+    """One row per caption (the caption above it); per column 4 seeds, with the score and PSNR under them."""
     from PIL import ImageDraw
 
-    rows = []
-    for _cap, *groups in tiles:
-        strip = [np.pad(np.concatenate(list(g), axis=1), ((0, 0), (0, 6), (0, 0)), constant_values=1.0) for g in groups]
-        rows.append(np.pad(np.concatenate(strip, axis=1), ((0, 4), (0, 0), (0, 0)), constant_values=1.0))
-    grid = (np.concatenate(rows) * 255).round().astype(np.uint8)
-    im = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
-    label = Image.new("RGB", (im.width + 130, im.height + 24), "white")
-    label.paste(im, (130, 24))
-    draw = ImageDraw.Draw(label)
-    w = (im.width) // 3
-    for i, t in enumerate(("teacher, 50 steps", "Glance, 10 steps", "plain Euler, 10 steps")):
-        draw.text((130 + i * w + 4, 6), t, fill="black")
-    h = im.height // len(tiles)
-    for r, (cap, *_) in enumerate(tiles):
-        draw.text((4, 24 + r * h + h // 2 - 6), cap, fill="black")
-    label.save(path)
+    size = tiles[0][1][0].shape[1] * scale
+    block = 4 * (size + 2) + 16
+    head, text, lab = 22, 14, 14
+    row_h = lab + size + text + 8
+    im = Image.new("RGB", (len(COLUMNS) * block + 8, head + len(tiles) * row_h), "white")
+    draw = ImageDraw.Draw(im)
+    for c, (_, title) in enumerate(COLUMNS):
+        draw.text((8 + c * block, 4), title, fill="black")
+    for r, (cap, groups, row) in enumerate(tiles):
+        y = head + r * row_h
+        draw.text((8, y), f"\u201c{cap}\u201d", fill=(0, 0, 160))
+        for c, ((key, _), imgs) in enumerate(zip(COLUMNS, groups)):
+            for j, img in enumerate(imgs[:4]):
+                tile = Image.fromarray((img * 255).round().astype(np.uint8)).resize((size, size), Image.NEAREST)
+                im.paste(tile, (8 + c * block + j * (size + 2), y + lab))
+            note = f"score {row[f'{key}_score']:.2f}"
+            if key != "teacher":
+                note += f"   PSNR {row[f'{key}_psnr']:.1f} dB"
+            draw.text((8 + c * block, y + lab + size + 1), note, fill="black")
+    im.save(path)
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -176,6 +223,7 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--out", type=Path, default=comfy_env.REPO / "out" / "demo")
     ap.add_argument("--size", type=int, default=512, help="image size in pixels (the workflows say 1024)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per workflow (new seed each, warm model)")
+    ap.add_argument("--quick", action="store_true", help="3 training steps, 2 captions: a smoke run of the code")
     args = ap.parse_args(argv)
 
     out = args.out.resolve()
@@ -189,7 +237,7 @@ def main(argv: list[str] | None = None) -> Path:
     results = {}
     with ComfyServer(base) as srv:
         info = srv.object_info()
-        ref = reference_demo(srv, info, out, args.repeats)
+        ref = reference_demo(srv, info, out, args.repeats, args.quick)
         for name, label in RUNS:
             ui = json.loads((comfy_env.REPO / "workflows" / f"{name}.json").read_text())
             workflow.check_links(ui, info)
@@ -230,31 +278,40 @@ def main(argv: list[str] | None = None) -> Path:
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     _sheet(out, [n for n, _ in RUNS])
     m = ref["mean"]
+    tr = ref["training"]
     lines = [
         "# comfyui-glance demo run",
         "",
         "## Glance on the reference teacher (workflows/glance_reference_demo.json)",
         "",
-        "One-Shot Trainer, objective 'official', on ONE photo (astronaut, caption 'astronaut wide'); then "
-        f"{len(HELD_OUT)} held-out captions × 4 seeds, sampled with the 10-step Glance graph and with the teacher's "
-        "50 steps from the same noise (CFG 3, so 20 vs 100 evaluations).",
+        f"One-Shot Trainer, objective 'trajectory' ({tr['steps']} steps per expert, rank {tr['rank']} on every "
+        f"Linear, batch {tr['batch']}, {tr['noises']} teacher rollouts per caption) on six captions, no image; then "
+        f"{len(HELD_OUT)} held-out captions × 4 seeds (compositions the teacher never saw, captions the experts never "
+        "saw), sampled with the 10-step Glance graph and with the teacher's 50 steps from the same noise (CFG 3, so "
+        "20 vs 100 evaluations). Score: the exact prompt-following score of glance_core.scenes (share of images that "
+        "show what the caption asks). The released one-image recipe ('official', 60 steps on one rendered scene) "
+        "runs too, reported as it is.",
         "",
-        f"- first run (training both experts + sampling): {ref['first_run_with_training_s']} s",
+        f"- first run (teacher rollouts + training both experts + sampling): {ref['first_run_with_training_s']} s; "
+        f"official recipe's first run: {ref['official_first_run_s']} s",
         f"- sampling a batch of 4, whole prompt: Glance {ref['glance_run_s']} s, teacher {ref['teacher_run_s']} s: "
         f"**{ref['speedup']}×** faster",
-        f"- fidelity to the teacher's 50-step output (mean over captions): Glance **{m['glance_psnr']:.2f} dB** PSNR, "
-        f"SSIM {m['glance_ssim']:.3f}; plain 10-step Euler on the same sigmas {m['euler10_psnr']:.2f} dB, "
-        f"SSIM {m['euler10_ssim']:.3f}",
+        f"- mean over captions: score teacher {m['teacher_score']:.2f}, Glance {m['glance_score']:.2f}, plain Euler "
+        f"10 {m['euler10_score']:.2f}, official {m['official_score']:.2f}; PSNR to the teacher's 50 steps: Glance "
+        f"**{m['glance_psnr']:.2f} dB**, plain Euler 10 {m['euler10_psnr']:.2f} dB, official "
+        f"{m['official_psnr']:.2f} dB",
         "",
-        "| held-out caption | Glance PSNR (dB) | Glance SSIM | plain Euler 10 PSNR (dB) | plain Euler 10 SSIM |",
-        "|---|---|---|---|---|",
+        "| held-out caption | teacher score | Glance score | Glance PSNR (dB) | Euler 10 score | Euler 10 PSNR (dB) "
+        "| official score | official PSNR (dB) |",
+        "|---|---|---|---|---|---|---|---|",
         *[
-            f"| {r['caption']} | {r['glance_psnr']:.2f} | {r['glance_ssim']:.3f} | {r['euler10_psnr']:.2f} | "
-            f"{r['euler10_ssim']:.3f} |"
+            f"| {r['caption']} | {r['teacher_score']:.2f} | {r['glance_score']:.2f} | {r['glance_psnr']:.2f} | "
+            f"{r['euler10_score']:.2f} | {r['euler10_psnr']:.2f} | {r['official_score']:.2f} | "
+            f"{r['official_psnr']:.2f} |"
             for r in ref["captions"]
         ],
         "",
-        "Side by side (teacher | Glance | plain Euler, 4 seeds each): reference_sheet.png",
+        "Side by side (teacher | Glance | plain Euler | official, 4 seeds each): reference_sheet.png",
         "",
         "## Every shipped workflow on tiny stand-ins",
         "",

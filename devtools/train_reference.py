@@ -1,11 +1,11 @@
-"""Train the pack's reference teacher (see ``glance_core.reference_model``) on scikit-image's bundled photos.
+"""Train the pack's reference teacher (see ``glance_core.reference_model``) on scenes drawn in code.
 
-    .venv/bin/python -m devtools.train_reference            (≈ 25 min on 2 busy CPU cores; writes assets/)
+    .venv/bin/python -m devtools.train_reference            (≈ 40 min on one CPU thread; writes assets/)
 
-Data: random crops of 17 photographs (astronaut, coffee, cat, rocket, … and LFW faces), resized to 32×32,
-randomly flipped. A caption names the photo and, optionally, the framing: ``wide`` (most of the photo) or
-``close`` (a detail, a quarter to two fifths of its shorter side). 10 % of captions are dropped (the empty
-caption) so the model can be sampled with CFG, which makes its trajectories curved. Plain flow matching on the
+Data: ``glance_core.scenes`` — 1–3 coloured shapes on a light background with captions such as "two red circles"
+or "a blue square left of a yellow triangle"; some colour–shape pairs and relations are never drawn (the held-out
+compositions). 10 % of captions are dropped (the empty caption) so the model can be sampled with CFG, which makes
+its trajectories curved. Plain flow matching on the
 velocity ε − x0 at logit-normal, FLUX-shifted sigmas; AdamW with an EMA of the weights, which is what is saved.
 The same seed and steps give the same file.
 """
@@ -22,89 +22,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from glance_core import scenes
+
 from . import comfy_env
 
-#: Caption word → the scikit-image photo it names.
-PHOTOS = {
-    "astronaut": "astronaut",
-    "coffee": "coffee",
-    "cat": "chelsea",
-    "rocket": "rocket",
-    "coins": "coins",
-    "camera": "camera",
-    "galaxy": "hubble_deep_field",
-    "tissue": "immunohistochemistry",
-    "retina": "retina",
-    "colorwheel": "colorwheel",
-    "motorcycle": "stereo_motorcycle",
-    "moon": "moon",
-    "brick": "brick",
-    "grass": "grass",
-    "gravel": "gravel",
-    "clock": "clock",
-    "face": "lfw_subset",
-}
-FRAMINGS = ("wide", "close")
-VOCAB = ["", *PHOTOS, *FRAMINGS]
-SIZE = 32
-#: Photos are first resized so their shorter side is PREP pixels (a close crop then still has ≥ 40).
-PREP = 160
-#: Crop side as a fraction of the photo's shorter side, per framing.
-CROP = {"wide": (0.75, 1.0), "close": (0.25, 0.4)}
+SIZE = scenes.SIZE
 
 
-def photos() -> dict[str, torch.Tensor]:
-    """Each photo as float RGB [N, 3, H, W] in [0, 1] (LFW: 200 faces; others: one image)."""
-    import skimage.data
-
-    out = {}
-    for word, name in PHOTOS.items():
-        im = getattr(skimage.data, name)()
-        if isinstance(im, tuple):  # stereo_motorcycle → (left, right, disparity)
-            im = im[0]
-        a = np.asarray(im, dtype=np.float32)
-        if a.max() > 1.0:
-            a = a / 255.0
-        if a.ndim == 3 and a.shape[0] == 200:  # lfw_subset: [200, 25, 25] grey faces
-            t = torch.from_numpy(a).unsqueeze(1).expand(-1, 3, -1, -1)
-        else:
-            t = torch.from_numpy(a)
-            t = t.unsqueeze(-1).expand(*t.shape, 3) if t.ndim == 2 else t[..., :3]
-            t = t.permute(2, 0, 1).unsqueeze(0)
-        short = min(t.shape[-2:])
-        if short > PREP:  # once, here: antialiased resizing of a 1400-pixel crop per sample would dominate training
-            hw = [round(d * PREP / short) for d in t.shape[-2:]]
-            t = F.interpolate(t, size=hw, mode="bilinear", antialias=True, align_corners=False)
-        out[word] = t.contiguous()
-    return out
-
-
-def crop(photo: torch.Tensor, framing: str, g: torch.Generator) -> torch.Tensor:
-    """A random ``framing`` crop of one of ``photo``'s images, flipped at random, as [3, SIZE, SIZE] in [-1, 1]."""
-    img = photo[int(torch.randint(photo.shape[0], (1,), generator=g))]
-    h, w = img.shape[-2:]
-    lo, hi = CROP[framing]
-    side = max(4, int(min(h, w) * (lo + (hi - lo) * float(torch.rand((), generator=g)))))
-    y = int(torch.randint(h - side + 1, (1,), generator=g))
-    x = int(torch.randint(w - side + 1, (1,), generator=g))
-    c = img[:, y : y + side, x : x + side].unsqueeze(0)
-    c = F.interpolate(c, size=(SIZE, SIZE), mode="bilinear", antialias=side > SIZE, align_corners=False)[0]
-    if float(torch.rand((), generator=g)) < 0.5:
-        c = c.flip(-1)
-    return c.clamp(0, 1) * 2 - 1
-
-
-def sample_batch(data: dict[str, torch.Tensor], n: int, g: torch.Generator) -> tuple[torch.Tensor, list[str]]:
-    """``n`` crops and their captions ('' for 10 %, the photo's word alone for 20 %, else word + framing)."""
-    words = list(PHOTOS)
-    xs, caps = [], []
-    for _ in range(n):
-        word = words[int(torch.randint(len(words), (1,), generator=g))]
-        framing = FRAMINGS[int(torch.randint(2, (1,), generator=g))]
-        xs.append(crop(data[word], framing, g))
-        u = float(torch.rand((), generator=g))
-        caps.append("" if u < 0.1 else word if u < 0.3 else f"{word} {framing}")
-    return torch.stack(xs), caps
+def sample_batch(n: int, rng: np.random.Generator) -> tuple[torch.Tensor, list[str]]:
+    """``n`` scenes as [n, 3, SIZE, SIZE] in [-1, 1] and their captions ('' for 10 %, for CFG)."""
+    imgs, caps = scenes.training_batch(n, rng, SIZE)
+    drop = rng.random(n) < 0.1
+    caps = ["" if d else c for d, c in zip(drop, caps)]
+    return torch.from_numpy(imgs).float().permute(0, 3, 1, 2) * 2 - 1, caps
 
 
 def sigmas(n: int, g: torch.Generator, mu: float = 1.15) -> torch.Tensor:
@@ -142,83 +72,112 @@ def _trainable_options(config: dict) -> dict:
     return {"patches_replace": {"dit": blocks}}
 
 
+def _step(dm, options: dict, emb, pos, vocab: list[str], length: int, batch: int, rng, g) -> torch.Tensor:
+    """One batch of plain flow matching on the velocity ε − x0."""
+    from glance_core import reference_model as rm
+
+    x0, caps = sample_batch(batch, rng)
+    ids = torch.tensor([rm.padded(vocab, c, length) for c in caps])
+    ctx = emb[ids] + pos
+    s = sigmas(batch, g)
+    eps = torch.randn(x0.shape, generator=g)
+    xt = (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * eps
+    v = dm(xt, s, ctx, y=ctx.mean(1), transformer_options=options)
+    return F.mse_loss(v, eps - x0)
+
+
 def train(
-    out: Path, steps: int, batch: int, seed: int, lr: float, log_every: int = 50, threads: int | None = None
+    out: Path,
+    steps: int,
+    batch: int,
+    seed: int,
+    lr: float,
+    log_every: int = 50,
+    threads: int | None = None,
+    config: dict | None = None,
+    snapshot_every: int = 0,
 ) -> dict:
     comfy_env.import_comfy()
-    from glance_core.training import training_mode
-
-    with training_mode():  # ComfyUI's switch to autograd-capable kernels (RoPE) on releases that have it
-        return _train(out, steps, batch, seed, lr, log_every, threads)
-
-
-def _train(out: Path, steps: int, batch: int, seed: int, lr: float, log_every: int, threads: int | None) -> dict:
     from safetensors.torch import save_file
 
     from glance_core import reference_model as rm
+    from glance_core.checkpoint import training_mode
 
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    config = dict(rm.CONFIG)
+    rng = np.random.default_rng(seed)
+    config = dict(config or rm.CONFIG)
+    vocab, length = scenes.VOCAB, scenes.MAX_WORDS
     patcher = rm.build_model(config, initial_weights(config, seed), device="cpu")
     dm = patcher.model.diffusion_model
     dm.train()
     params = [p for p in dm.parameters()]
     for p in params:
         p.requires_grad_(True)
-    emb = torch.nn.Parameter(torch.randn(len(VOCAB), config["context_in_dim"], generator=g))
+    emb = torch.nn.Parameter(torch.randn(len(vocab), config["context_in_dim"], generator=g))
+    pos = torch.nn.Parameter(0.1 * torch.randn(length, config["context_in_dim"], generator=g))
     ema = {k: v.detach().clone() for k, v in dm.state_dict().items()}
-    ema_emb = emb.detach().clone()
-    opt = torch.optim.AdamW([*params, emb], lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
-    data = photos()
+    ema_text = [emb.detach().clone(), pos.detach().clone()]
+    opt = torch.optim.AdamW([*params, emb, pos], lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     options = _trainable_options(config)
     losses, t0 = [], time.perf_counter()
-    for step in range(steps):
-        x0, caps = sample_batch(data, batch, g)
-        ids = torch.tensor([rm.padded(VOCAB, c) for c in caps])
-        ctx = emb[ids]
-        s = sigmas(batch, g)
-        eps = torch.randn(x0.shape, generator=g)
-        xt = (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * eps
-        v = dm(xt, s, ctx, y=ctx.mean(1), transformer_options=options)
-        loss = F.mse_loss(v, eps - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([*params, emb], 1.0)
-        for group in opt.param_groups:  # warm-up, then cosine decay to 10 %
-            group["lr"] = lr * min(1.0, (step + 1) / 100) * (0.55 + 0.45 * math.cos(math.pi * step / steps))
-        opt.step()
-        decay = min(0.999, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for k, v_ in dm.state_dict().items():
-                ema[k].lerp_(v_, 1 - decay)
-            ema_emb.lerp_(emb, 1 - decay)
-        losses.append(float(loss.detach()))
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            el = time.perf_counter() - t0
-            print(f"step {step + 1}/{steps}  loss {np.mean(losses[-log_every:]):.4f}  {el / 60:.1f} min", flush=True)
-    info = {
-        "trained_by": "python -m devtools.train_reference",
-        "data": "random 32x32 crops of scikit-image's bundled photos: "
-        + ", ".join(f"{w}={n}" for w, n in PHOTOS.items()),
-        "captions": "'<subject>', '<subject> wide' or '<subject> close'; '' (10 %) for CFG",
-        "steps": steps,
-        "batch": batch,
-        "seed": seed,
-        "learning_rate": lr,
-        "final_loss": round(float(np.mean(losses[-200:])), 5),
-        "minutes": round((time.perf_counter() - t0) / 60, 2),
-        "size": SIZE,
-    }
-    sd = {k: v.contiguous() for k, v in ema.items()}
-    sd[rm.TEXT_KEY] = ema_emb.contiguous()
-    meta = {rm.META_CONFIG: json.dumps(config), rm.META_VOCAB: json.dumps(VOCAB), rm.META_INFO: json.dumps(info)}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    save_file(sd, str(tmp), metadata=meta)
-    tmp.replace(out)
+
+    def save(path: Path, done: int) -> dict:
+        info = {
+            "trained_by": "python -m devtools.train_reference",
+            "data": "glance_core.scenes: 1-3 coloured shapes on a light background, drawn in code; never drawn: "
+            + ", ".join(" ".join(p) for p in sorted(scenes.HELD_OUT_PAIRS))
+            + "; never captioned: "
+            + ", ".join(" ".join(r) for r in sorted(scenes.HELD_OUT_RELATIONS)),
+            "captions": "e.g. 'a triangle', 'a red circle', 'a circle and a square', 'two red circles', "
+            "'a red circle and a blue square', 'a red circle left of a blue square'; '' (10 %) for CFG",
+            "example_caption": "a red circle left of a blue square",
+            "context_tokens": length,
+            "steps": done,
+            "batch": batch,
+            "seed": seed,
+            "learning_rate": lr,
+            "final_loss": round(float(np.mean(losses[-200:])), 5),
+            "minutes": round((time.perf_counter() - t0) / 60, 2),
+            "threads": torch.get_num_threads(),
+            "size": SIZE,
+        }
+        sd = rm.canonical_keys({k: v.contiguous() for k, v in ema.items()})
+        sd[rm.TEXT_KEY] = ema_text[0].contiguous()
+        sd[rm.POSITION_KEY] = ema_text[1].contiguous()
+        meta = {rm.META_CONFIG: json.dumps(config), rm.META_VOCAB: json.dumps(vocab), rm.META_INFO: json.dumps(info)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file(sd, str(tmp), metadata=meta)
+        tmp.replace(path)
+        return info
+
+    with training_mode():  # ComfyUI's switch to autograd-capable kernels (FLUX's RoPE) on releases that have it
+        for step in range(steps):
+            loss = _step(dm, options, emb, pos, vocab, length, batch, rng, g)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([*params, emb, pos], 1.0)
+            for group in opt.param_groups:  # warm-up, then cosine decay to 10 %
+                group["lr"] = lr * min(1.0, (step + 1) / 100) * (0.55 + 0.45 * math.cos(math.pi * step / steps))
+            opt.step()
+            decay = min(0.999, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for k, v_ in dm.state_dict().items():
+                    ema[k].lerp_(v_, 1 - decay)
+                for e, t in zip(ema_text, (emb, pos)):
+                    e.lerp_(t, 1 - decay)
+            losses.append(float(loss.detach()))
+            if snapshot_every and (step + 1) % snapshot_every == 0 and step + 1 < steps:
+                save(out.with_name(f"{out.stem}.step{step + 1}{out.suffix}"), step + 1)
+            if (step + 1) % log_every == 0 or step + 1 == steps:
+                el = time.perf_counter() - t0
+                print(
+                    f"step {step + 1}/{steps}  loss {np.mean(losses[-log_every:]):.4f}  {el / 60:.1f} min", flush=True
+                )
+    info = save(out, steps)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
     return info
 
@@ -228,13 +187,16 @@ def main(argv: list[str] | None = None) -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=rm.ASSETS / rm.REFERENCE_NAME)
-    ap.add_argument("--steps", type=int, default=1500)
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=4500)
+    ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--lr", type=float, default=1.5e-3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--snapshot-every", type=int, default=0, help="also write the EMA weights every N steps")
     args = ap.parse_args(argv)
-    train(args.out, args.steps, args.batch, args.seed, args.lr, threads=args.threads)
+    train(
+        args.out, args.steps, args.batch, args.seed, args.lr, threads=args.threads, snapshot_every=args.snapshot_every
+    )
 
 
 if __name__ == "__main__":

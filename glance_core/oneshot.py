@@ -100,7 +100,7 @@ def latent_shape(model, resolution: int, x0) -> tuple[int, ...]:
     if x0 is not None:
         return tuple(x0.shape)
     fmt = model.model.latent_format
-    side = max(1, resolution // 8)
+    side = max(1, resolution // getattr(fmt, "spacial_downscale_ratio", 8))  # 1 for pixel-space models
     if getattr(fmt, "latent_dimensions", 2) == 3:
         return (1, fmt.latent_channels, 1, side, side)
     return (1, fmt.latent_channels, side, side)

@@ -1,17 +1,19 @@
 """The pack's reference teacher: a narrow FLUX (ComfyUI's own ``Flux`` class) that works in pixel space.
 
 No FLUX or Qwen-Image weights can be shipped, so the pack ships its own small flow-matching model, trained
-by ``python -m devtools.train_reference`` on photographs bundled with scikit-image. Every Glance / ArcFlow code
-path runs on it unchanged, because it *is* a ComfyUI Flux model:
+by ``python -m devtools.train_reference`` on scenes of coloured shapes drawn in code (``glance_core.scenes``).
+Every Glance / ArcFlow code path runs on it unchanged, because it *is* a ComfyUI Flux model:
 
 - the latent is the image itself (3 channels in [-1, 1]: ComfyUI's ``pixel_space`` VAE and the
   ChromaRadiance latent format), so no VAE weights are needed;
 - the text encoder is a tiny learnt word embedding stored in the same file: a caption is a few words from
-  the file's vocabulary (e.g. ``"coffee close"``), each word one context token, their mean the pooled vector.
+  the file's vocabulary (e.g. ``"a red circle left of a blue square"``), each word one context token plus a
+  learnt vector for its slot, their mean the pooled vector.
 
-The file: diffusion-model tensors under their ComfyUI names, the embedding under ``text_embedding.weight``,
-and in the metadata the model config (``glance.reference.config``) and the vocabulary
-(``glance.reference.vocab``; word 0 is the empty caption, used for CFG's negative).
+The file: diffusion-model tensors under FLUX's names, the embedding under ``text_embedding.weight`` and the
+slot vectors under ``text_embedding.position``, and in the metadata the model config (``glance.reference.config``;
+ComfyUI's own detection fills the rest), the vocabulary (``glance.reference.vocab``; word 0 is the empty caption,
+used for CFG's negative) and training facts (``glance.reference.info``, with the context length).
 """
 
 from __future__ import annotations
@@ -26,26 +28,27 @@ import torch
 from .experts import GlanceError
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-REFERENCE_NAME = "glance_reference_photos.safetensors"
+REFERENCE_NAME = "glance_reference_scenes.safetensors"
 META_CONFIG = "glance.reference.config"
 META_VOCAB = "glance.reference.vocab"
 META_INFO = "glance.reference.info"
 TEXT_KEY = "text_embedding.weight"
+POSITION_KEY = "text_embedding.position"
 MAX_WORDS = 2
 
-#: The shipped teacher's architecture: FLUX's double/single-stream blocks at width 96, 4×4-pixel patches.
+#: The shipped teacher's architecture: FLUX's double/single-stream blocks at width 128, 4×4-pixel patches.
 CONFIG = dict(
     image_model="flux",
     in_channels=3,
     out_channels=3,
     vec_in_dim=32,
     context_in_dim=32,
-    hidden_size=96,
+    hidden_size=128,
     mlp_ratio=4.0,
     num_heads=4,
-    depth=2,
-    depth_single_blocks=2,
-    axes_dim=[4, 10, 10],
+    depth=3,
+    depth_single_blocks=3,
+    axes_dim=[8, 12, 12],
     theta=10000,
     patch_size=4,
     qkv_bias=True,
@@ -58,10 +61,15 @@ def _model_config_class():
     import comfy.latent_formats
     import comfy.supported_models
 
+    class Pixels(comfy.latent_formats.ChromaRadiance):
+        """ComfyUI's pixel-space latent format, saying so: a latent pixel is an image pixel."""
+
+        spacial_downscale_ratio = 1
+
     class PixelFlux(comfy.supported_models.Flux):
         """ComfyUI's FLUX config with the pixel-space (3-channel, identity) latent format."""
 
-        latent_format = comfy.latent_formats.ChromaRadiance
+        latent_format = Pixels
 
     return PixelFlux
 
@@ -74,12 +82,20 @@ class Reference:
     embedding: torch.Tensor  # [V, context_in_dim]
     vocab: list[str]
     info: dict
+    position: torch.Tensor | None = None  # [context_tokens, context_in_dim], added to the word vectors
+
+    @property
+    def context_tokens(self) -> int:
+        return len(self.position) if self.position is not None else int(self.info.get("context_tokens", MAX_WORDS))
 
     def encode(self, caption: str) -> list:
-        return encode(self.embedding, self.vocab, caption)
+        return encode(self.embedding, self.vocab, caption, self.position, self.context_tokens)
+
+    def example(self) -> str:
+        return str(self.info.get("example_caption", " ".join(self.vocab[1:3])))
 
 
-def tokens(vocab: list[str], caption: str) -> list[int]:
+def tokens(vocab: list[str], caption: str, example: str = "") -> list[int]:
     """Word indices of ``caption``; the empty caption is token 0. Unknown words are an error naming them."""
     words = caption.lower().replace(",", " ").split()
     index = {w: i for i, w in enumerate(vocab)}
@@ -87,7 +103,7 @@ def tokens(vocab: list[str], caption: str) -> list[int]:
     if unknown:
         raise GlanceError(
             f"The reference model does not know the word(s) {unknown}. Its captions are made of these words: "
-            f"{', '.join(vocab[1:])} (e.g. 'coffee close')."
+            f"{', '.join(vocab[1:])}" + (f" (e.g. {example!r})." if example else ".")
         )
     return [index[w] for w in words] or [0]
 
@@ -97,60 +113,151 @@ def padded(vocab: list[str], caption: str, length: int = MAX_WORDS) -> list[int]
     ids = [i for i in tokens(vocab, caption) if i != 0]
     if len(ids) > length:
         raise GlanceError(
-            f"Caption {caption!r} has {len(ids)} words; the reference model takes at most {length} "
-            f"(a subject and a framing word, e.g. 'coffee close')."
+            f"Caption {caption!r} has {len(ids)} words; this reference model takes at most {length}. "
+            "Shorten the caption."
         )
     return ids + [0] * (length - len(ids))
 
 
-def encode(embedding: torch.Tensor, vocab: list[str], caption: str) -> list:
+def encode(
+    embedding: torch.Tensor,
+    vocab: list[str],
+    caption: str,
+    position: torch.Tensor | None = None,
+    length: int = MAX_WORDS,
+) -> list:
     """ComfyUI CONDITIONING for ``caption``: one context token per word (padded with the empty-caption token),
-    their mean as FLUX's pooled vector."""
-    ctx = embedding[padded(vocab, caption)].to(torch.float32)
+    plus a learnt vector per slot when the file has one (FLUX gives text tokens no position, and "a red circle
+    left of a blue square" needs word order), their mean as FLUX's pooled vector."""
+    ctx = embedding[padded(vocab, caption, length)].to(torch.float32)
+    if position is not None:
+        ctx = ctx + position.to(torch.float32)
     return [[ctx.unsqueeze(0), {"pooled_output": ctx.mean(0, keepdim=True)}]]
 
 
-def build_model(config: dict, state_dict: dict[str, torch.Tensor] | None = None, device: str | None = None):
+def canonical_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The diffusion-model tensors under FLUX's file names (``*_norm.scale``), whichever names the running
+    ComfyUI gives its RMSNorm parameters, so a file trained on one ComfyUI release loads on another."""
+    return {(k[: -len(".weight")] + ".scale" if k.endswith("_norm.weight") else k): v for k, v in state_dict.items()}
+
+
+def _skeleton(config: dict) -> dict[str, torch.Tensor]:
+    """The few tensors ComfyUI's model detection reads to recognise a FLUX, as shape-only (meta) tensors."""
+    h, p = config["hidden_size"], config["patch_size"]
+    sd = {
+        "img_in.weight": torch.empty(h, config["in_channels"] * p * p, device="meta"),
+        "txt_in.weight": torch.empty(h, config["context_in_dim"], device="meta"),
+        "vector_in.in_layer.weight": torch.empty(h, config["vec_in_dim"], device="meta"),
+    }
+    for i in range(config["depth"]):
+        sd[f"double_blocks.{i}.img_attn.norm.key_norm.scale"] = torch.empty(1, device="meta")
+    for i in range(config["depth_single_blocks"]):
+        sd[f"single_blocks.{i}.norm.key_norm.scale"] = torch.empty(1, device="meta")
+    return sd
+
+
+def unet_config(config: dict, state_dict: dict[str, torch.Tensor] | None = None, name: str = "") -> dict:
+    """The FLUX config for this ComfyUI: its own detection (which fills the fields each release requires, e.g.
+    ``txt_ids_dims`` since 0.33) on the weights, with the file's stored fields on top (detection assumes FLUX.1's
+    head layout, rope axes and output channels, which the reference model does not have)."""
+    import comfy.model_detection
+
+    detected = comfy.model_detection.detect_unet_config(state_dict or _skeleton(config), "")
+    if not detected or detected.get("image_model") != "flux":
+        raise GlanceError(
+            f"{name or 'The reference model'}: ComfyUI does not recognise its weights as a FLUX model. "
+            "Re-create the file with python -m devtools.train_reference."
+        )
+    return {**detected, **config}
+
+
+def build_model(
+    config: dict, state_dict: dict[str, torch.Tensor] | None = None, device: str | None = None, name: str = ""
+):
     """A ComfyUI ModelPatcher of the pixel-space FLUX with ``config`` (and weights, when given)."""
     import comfy.model_management as mm
     import comfy.model_patcher
 
-    mc = _model_config_class()(dict(config))
+    mc = _model_config_class()(unet_config(config, state_dict, name))
     mc.set_inference_dtype(torch.float32, None)
     model = mc.get_model({})
     if state_dict is not None:
-        missing, unexpected = model.diffusion_model.load_state_dict(state_dict, strict=False)
+        sd = mc.process_unet_state_dict(dict(state_dict))  # FLUX file names → this ComfyUI's parameter names
+        redo = "Re-create the file with python -m devtools.train_reference."
+        try:
+            missing, unexpected = model.diffusion_model.load_state_dict(sd, strict=False)
+        except RuntimeError as e:  # shapes that disagree with the stored config
+            detail = str(e).split("\n\t")[1:2] or [str(e)[:200]]
+            raise GlanceError(
+                f"{name or 'The reference model file'} does not fit its config: {detail[0]} {redo}"
+            ) from None
         if missing or unexpected:
             raise GlanceError(
-                f"The reference model file does not fit its config: missing {missing[:3]}, unexpected {unexpected[:3]}."
+                f"{name or 'The reference model file'} does not fit its config: missing {missing[:3]}, unexpected "
+                f"{unexpected[:3]}. {redo}"
             )
     load_device = torch.device(device) if device else mm.get_torch_device()
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=mm.unet_offload_device())
 
 
+def _json(meta: dict, key: str, name: str, default: str | None = None):
+    try:
+        return json.loads(meta[key] if default is None else meta.get(key, default))
+    except json.JSONDecodeError as e:
+        raise GlanceError(
+            f"{name}: the '{key}' metadata is not valid JSON ({e.msg} at character {e.pos}). The file is damaged or "
+            "was edited; re-create it with python -m devtools.train_reference."
+        ) from None
+
+
 def load(path: str | Path) -> Reference:
     """Load a reference-teacher file written by ``devtools.train_reference``."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
+    name = path.name
     if path.suffix != ".safetensors":
-        raise GlanceError(f"{path.name}: only .safetensors files are loaded.")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if META_CONFIG not in meta or META_VOCAB not in meta:
-            raise GlanceError(
-                f"{path.name} is not a Glance reference model (no '{META_CONFIG}' / '{META_VOCAB}' metadata)."
-            )
-        sd = {k: f.get_tensor(k) for k in f.keys()}
-    config = json.loads(meta[META_CONFIG])
-    vocab = json.loads(meta[META_VOCAB])
+        raise GlanceError(f"{name}: only .safetensors files are loaded.")
+    redo = "Download or copy it again, or re-create it with python -m devtools.train_reference."
+    if not path.is_file():
+        raise GlanceError(f"{name}: no such file ({path}). {redo}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if META_CONFIG not in meta or META_VOCAB not in meta:
+                raise GlanceError(
+                    f"{name} is not a Glance reference model (no '{META_CONFIG}' / '{META_VOCAB}' metadata). "
+                    "Pick a reference model file (e.g. the shipped one) in model_name."
+                )
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as e:
+        raise GlanceError(f"{name} is not a readable .safetensors file (truncated or damaged: {e}). {redo}") from None
+    config = _json(meta, META_CONFIG, name)
+    vocab = _json(meta, META_VOCAB, name)
+    info = _json(meta, META_INFO, name, "{}")
+    if not isinstance(config, dict) or not isinstance(vocab, list) or not isinstance(info, dict):
+        raise GlanceError(
+            f"{name}: the reference metadata has the wrong types (config and info: objects, vocab: a list). {redo}"
+        )
+    needed = ("in_channels", "context_in_dim", "hidden_size", "patch_size", "depth", "depth_single_blocks")
+    absent = [k for k in (*needed, "vec_in_dim") if k not in config]
+    if absent:
+        raise GlanceError(f"{name}: the '{META_CONFIG}' metadata lacks {absent}. {redo}")
+    if TEXT_KEY not in sd:
+        raise GlanceError(f"{name}: no '{TEXT_KEY}' tensor (the caption encoder). {redo}")
     embedding = sd.pop(TEXT_KEY)
+    position = sd.pop(POSITION_KEY, None)
     if embedding.shape != (len(vocab), config["context_in_dim"]):
         raise GlanceError(
-            f"{path.name}: {TEXT_KEY} has shape {tuple(embedding.shape)}, expected "
-            f"({len(vocab)}, {config['context_in_dim']})."
+            f"{name}: {TEXT_KEY} has shape {tuple(embedding.shape)}, expected "
+            f"({len(vocab)}, {config['context_in_dim']}). {redo}"
         )
-    return Reference(build_model(config, sd), embedding, vocab, json.loads(meta.get(META_INFO, "{}")))
+    if position is not None and (position.ndim != 2 or position.shape[1] != config["context_in_dim"]):
+        raise GlanceError(
+            f"{name}: {POSITION_KEY} has shape {tuple(position.shape)}, "
+            f"expected (N, {config['context_in_dim']}). {redo}"
+        )
+    return Reference(build_model(config, sd, name=name), embedding, vocab, info, position)
 
 
 @functools.lru_cache(maxsize=2)

@@ -28,9 +28,10 @@ def _files() -> list[str]:
 
 def _caption_tip(what: str) -> str:
     return (
-        f"{what}: up to two words, a subject and a framing. Subjects: astronaut, coffee, cat, rocket, coins, camera, "
-        "galaxy, tissue, retina, colorwheel, motorcycle, moon, brick, grass, gravel, clock, face; framing: wide "
-        "(most of the photo) or close (a detail). Empty = unconditional."
+        f"{what}: a scene of 1-3 shapes in plain words, e.g. 'a triangle', 'a red circle', 'a circle and a square', "
+        "'two red circles' (two / three), 'a red circle and a blue square', 'a red circle left of a blue square' "
+        "(left of / right of / above / below). Colours: red, green, blue, yellow, purple, cyan; shapes: circle, "
+        "square, triangle. Empty = unconditional."
     )
 
 
@@ -42,10 +43,10 @@ class ReferenceLoader(io.ComfyNode):
             display_name="Glance Reference Model Loader",
             category=CATEGORY,
             description=(
-                "Loads the pack's reference teacher: a small FLUX (ComfyUI's own Flux architecture, 1 M parameters) "
-                "trained by the project on photos bundled with scikit-image, working directly in pixel space (32×32 "
-                "RGB; the VAE output is ComfyUI's pixel-space VAE). Use it to try Glance, the One-Shot Trainer and "
-                "ArcFlow without downloading FLUX. Sample it with CFG 3 and EmptyChromaRadianceLatentImage (32×32)."
+                "Loads the pack's reference teacher: a small FLUX (ComfyUI's own Flux architecture, 2.6 M parameters) "
+                "trained by the project on scenes of coloured shapes drawn in code, working directly in pixel space "
+                "(32×32 RGB; the VAE output is ComfyUI's pixel-space VAE). Use it to try Glance, the One-Shot Trainer "
+                "and ArcFlow without downloading FLUX. Sample it with CFG 3 and EmptyChromaRadianceLatentImage (32×32)."
             ),
             inputs=[
                 io.Combo.Input(
@@ -53,7 +54,9 @@ class ReferenceLoader(io.ComfyNode):
                     options=_files(),
                     tooltip="The reference model (.safetensors) in the pack's assets/ or in models/glance_reference/.",
                 ),
-                io.String.Input("prompt", default="coffee close", tooltip=_caption_tip("Positive caption")),
+                io.String.Input(
+                    "prompt", default="a red circle left of a blue square", tooltip=_caption_tip("Positive caption")
+                ),
                 io.String.Input("negative_prompt", default="", tooltip=_caption_tip("Negative caption")),
             ],
             outputs=[
@@ -81,17 +84,25 @@ class ReferenceTextEncode(io.ComfyNode):
             display_name="Glance Reference Caption",
             category=CATEGORY,
             description=(
-                "Encodes one more caption for the reference model (its text encoder is a tiny word embedding stored in "
-                "the model file). Chain several with Conditioning (Combine) to give the One-Shot Trainer a handful "
-                "of captions."
+                "Encodes captions for the reference model (its text encoder is a tiny word embedding stored in the "
+                "model "
+                "file). One caption per line; several lines give one conditioning entry each (like Conditioning "
+                "(Combine)): the One-Shot Trainer and the ArcFlow Distiller take each entry as one caption."
             ),
             inputs=[
                 io.Combo.Input("model_name", options=_files(), tooltip="The same reference model file as the loader."),
-                io.String.Input("text", default="cat wide", tooltip=_caption_tip("Caption")),
+                io.String.Input(
+                    "text",
+                    default="two yellow triangles",
+                    multiline=True,
+                    tooltip=_caption_tip("Caption(s), one per line"),
+                ),
             ],
             outputs=[io.Conditioning.Output(tooltip="The encoded caption.")],
         )
 
     @classmethod
     def execute(cls, model_name: str, text: str) -> io.NodeOutput:
-        return io.NodeOutput(load(model_name).encode(text))
+        ref = load(model_name)
+        lines = [line.strip() for line in text.splitlines() if line.strip()] or [""]
+        return io.NodeOutput([entry for line in lines for entry in ref.encode(line)])

@@ -1,0 +1,67 @@
+"""The reference teacher's scenes and its prompt-following score (pure numpy/scipy, no ComfyUI)."""
+
+import numpy as np
+import pytest
+
+from glance_core import scenes
+
+
+def _rendered(captions: list[str], seeds: int) -> tuple[np.ndarray, list[str]]:
+    imgs = [scenes.render(c, 1000 + s) for c in captions for s in range(seeds)]
+    return np.stack(imgs), [c for c in captions for _ in range(seeds)]
+
+
+@pytest.mark.parametrize("split", ["seen", "held-out"])
+def test_ground_truth_scenes_score_at_least_098_in_every_category(split):
+    captions = scenes.seen_captions() if split == "seen" else scenes.held_out_captions()
+    imgs, caps = _rendered(captions, 12)
+    result = scenes.score(imgs, caps)
+    # held-out compositions all name a colour: no 'single object' / 'two objects' captions there
+    assert set(result) == {*scenes.CATEGORIES, "overall"} - (
+        {"single object", "two objects"} if split != "seen" else set()
+    )
+    assert result["overall"] >= 0.98, result
+    assert min(result.values()) >= 0.9, result
+
+
+def test_noise_and_wrong_captions_score_about_zero():
+    imgs, caps = _rendered(scenes.seen_captions(), 4)
+    rng = np.random.default_rng(0)
+    assert scenes.score(rng.uniform(0, 1, imgs.shape), caps)["overall"] <= 0.02
+    assert scenes.score(np.full_like(imgs, 0.5), caps)["overall"] == 0.0
+    # the same images under a caption that differs in one thing: colour, shape, count or relation
+    swapped = {
+        "a red circle": "a blue circle",
+        "a blue triangle": "a blue square",
+        "two red circles": "three red circles",
+        "a red circle left of a blue square": "a red circle right of a blue square",
+        "a red square and a blue circle": "a blue square and a red circle",
+    }
+    for right, wrong in swapped.items():
+        img = np.stack([scenes.render(right, s) for s in range(8)])
+        assert scenes.score(img, [right] * 8)["overall"] == 1.0
+        assert scenes.score(img, [wrong] * 8)["overall"] == 0.0, wrong
+
+
+def test_training_never_draws_the_held_out_compositions():
+    rng = np.random.default_rng(1)
+    for _ in range(400):
+        spec = scenes.random_spec(rng)
+        assert not scenes.is_held_out(spec), spec.caption
+        drawn = scenes.layout(spec, rng, allow_held_out=False)
+        assert all((p.colour, p.shape) not in scenes.HELD_OUT_PAIRS for p in drawn)
+    assert all(scenes.is_held_out(scenes.parse(c)) for c in scenes.held_out_captions())
+    assert not any(scenes.is_held_out(scenes.parse(c)) for c in scenes.seen_captions())
+    imgs, caps = scenes.training_batch(64, rng)
+    assert imgs.shape == (64, scenes.SIZE, scenes.SIZE, 3) and 0 <= imgs.min() and imgs.max() <= 1
+    assert scenes.score(imgs, caps)["overall"] >= 0.9
+    assert all(len(c.split()) <= scenes.MAX_WORDS and set(c.split()) <= set(scenes.VOCAB) for c in caps)
+
+
+def test_captions_round_trip_and_bad_captions_name_the_grammar():
+    for c in scenes.seen_captions() + scenes.held_out_captions():
+        assert scenes.parse(c).caption == c
+    assert scenes.parse("Two RED circles").category == "counting"
+    for bad in ("a dog", "four red circles", "a red circle and a red circle left", "a circle and a blue square"):
+        with pytest.raises(ValueError, match="not a scene caption.*left of"):
+            scenes.parse(bad)
