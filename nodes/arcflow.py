@@ -161,10 +161,10 @@ class ArcFlowDistiller(io.ComfyNode):
                 io.Int.Input(
                     "resolution",
                     default=1024,
-                    min=64,
+                    min=32,
                     max=4096,
                     step=16,
-                    tooltip="Square image size the student is trained at (pixels, multiple of 16; usually 512-1024).",
+                    tooltip="Square image size the student is trained at (pixels, multiple of 16; usually 512-1024; 32 for the reference teacher).",
                 ),
                 io.Int.Input(
                     "seed",
