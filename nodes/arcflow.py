@@ -164,7 +164,8 @@ class ArcFlowDistiller(io.ComfyNode):
                     min=32,
                     max=4096,
                     step=16,
-                    tooltip="Square image size the student is trained at (pixels, multiple of 16; usually 512-1024; 32 for the reference teacher).",
+                    tooltip="Square image size the student is trained at (pixels, multiple of 16; usually 512-1024; "
+                    "32 for the reference teacher).",
                 ),
                 io.Int.Input(
                     "seed",
