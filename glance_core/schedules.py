@@ -129,7 +129,16 @@ def custom(
     """Derive a Glance schedule from any flow model's own sampling (see ``glance_indices``)."""
     slow, fast = glance_indices(base_steps, slow_steps, slow_stride, fast_steps)
     sig = base_sigmas(percent_to_sigma, base_steps, shift_terminal)
-    return SlowFastSchedule(tuple(sig[i] for i in slow + fast) + (0.0,), len(slow))
+    out = tuple(sig[i] for i in slow + fast) + (0.0,)
+    bad = next((v for v in out if not (math.isfinite(v) and 0.0 <= v <= 1.0)), None)
+    if bad is not None or any(not b < a for a, b in zip(out, out[1:])):
+        shown = bad if bad is not None else next(b for a, b in zip(out, out[1:]) if not b < a)
+        raise GlanceError(
+            f"The model's sampling gives an unusable schedule (sigma {shown} among {[round(v, 5) for v in out]}): "
+            "a ModelSampling node before the scheduler has a NaN, infinite or out-of-range shift. Set a finite "
+            "shift (FLUX: ModelSamplingFlux max_shift 1.15, base_shift 0.5) or remove that node."
+        )
+    return SlowFastSchedule(out, len(slow))
 
 
 def flux_time_shift(mu: float, t: float) -> float:

@@ -235,3 +235,13 @@ def test_arcflow_adapter_lora_part_gets_the_same_checks(comfy_nodes, tiny, loras
     tiny.save_lora(loras_dir / "arc_wide.safetensors", wide)
     with pytest.raises(ValueError, match=r"arc_wide\.safetensors' does not fit .*linear2.*\[96, 320\].*\[64, 320\]"):
         node.execute(model, "arc_wide.safetensors")
+
+
+@pytest.mark.parametrize("max_shift", [math.nan, math.inf])
+def test_custom_schedule_of_a_model_with_a_broken_shift_is_a_named_error(comfy_nodes, tiny, max_shift):
+    """A NaN/inf shift in a ModelSampling node before the scheduler made NaN sigmas (and a NaN boundary) that
+    failed later as "non-descending sigmas": the scheduler now names the shift."""
+    model = tiny.build("flux", 0)
+    patched = _n(comfy_nodes, "ModelSamplingFlux")().patch(model, max_shift, 0.5, 1024, 1024)[0]
+    with pytest.raises(ValueError, match=r"unusable schedule.*ModelSampling node.*shift"):
+        _n(comfy_nodes, "SlowFastScheduler").execute(patched, "custom", 50, 5, 2, 5, 0.0)
