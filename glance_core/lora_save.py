@@ -146,6 +146,14 @@ def _remove(tmp: str) -> None:
     shutil.rmtree(os.path.dirname(tmp), ignore_errors=True)
 
 
+def _raise_write_error(e: BaseException, path: str, outcome: str) -> None:
+    """Re-raise ``e`` (the clean-up is done): a file-system error as a GlanceError naming the file and the
+    outcome; anything else (Stop, a bug) as it is."""
+    if isinstance(e, OSError):
+        raise GlanceError(f"Could not write {path}: {e.strerror or e}. {outcome}") from e
+    raise e
+
+
 def save_files_atomic(files: list[tuple[str, dict[str, torch.Tensor], dict[str, str]]], overwrite: bool) -> list[str]:
     """Write several files all-or-nothing: every file goes to a temporary file in its folder first; only when
     all are written (and none of the targets appeared meanwhile, unless ``overwrite``) are they renamed into
@@ -179,12 +187,7 @@ def save_files_atomic(files: list[tuple[str, dict[str, torch.Tensor], dict[str, 
     except BaseException as e:
         for t in temps:
             _remove(t)
-        if isinstance(e, OSError):
-            raise GlanceError(
-                f"Could not write {current}: {e.strerror or e}. Free disk space or fix the folder's permissions. "
-                f"Nothing was written."
-            ) from e
-        raise
+        _raise_write_error(e, current, "Free disk space or fix the folder's permissions. Nothing was written.")
     placed: list[str] = []
     backups: dict[str, str] = {}
     try:
@@ -207,12 +210,12 @@ def save_files_atomic(files: list[tuple[str, dict[str, torch.Tensor], dict[str, 
                 log.error("Glance: could not put %s back; the previous file is kept at %s", p, b)
         for t in temps:
             _remove(t)
-        if isinstance(e, OSError):
-            raise GlanceError(
-                f"Could not write {paths[len(placed)]}: {e.strerror or e}. Nothing was written (the files of this "
-                f"save that were already in place were removed, replaced ones restored)."
-            ) from e
-        raise
+        _raise_write_error(
+            e,
+            paths[len(placed)],
+            "Nothing was written (the files of this save that were already in place were removed, replaced "
+            "ones restored).",
+        )
     for t in [*temps, *backups.values()]:
         _remove(t)
     return paths

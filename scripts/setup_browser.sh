@@ -15,7 +15,7 @@ if [ -z "${GLANCE_CHROMIUM:-}" ] && [ -z "$(chromium_bin)" ]; then
   if [ "$(id -u)" -ne 0 ]; then
     command -v sudo >/dev/null && SUDO="sudo -n" || { echo "[setup-browser] ERROR: not root and no sudo: install chromium yourself" >&2; exit 1; }
   fi
-  if ! { $SUDO apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q chromium >/dev/null; }; then
+  if ! { $SUDO apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive $SUDO apt-get -o DPkg::Lock::Timeout=300 install -y -q chromium >/dev/null; }; then
     echo "[setup-browser] ERROR: apt-get install chromium failed; the browser test needs it" >&2
     exit 1
   fi
