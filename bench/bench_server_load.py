@@ -71,7 +71,7 @@ def _hostile(server, base: dict) -> list[tuple[str, dict]]:
         "other architecture": {"slow_lora": "glance_qwen_slow.safetensors"},
         "NaN strength": {"slow_strength": float("nan")},
         "infinite strength": {"fast_strength": float("inf")},
-        "negative boundary": {"boundary_sigma": -1.0},
+        "negative boundary": {"boundary_sigma": -2.0},  # -1 is "auto"
         "NaN boundary": {"boundary_sigma": float("nan")},
     }
     out = []
