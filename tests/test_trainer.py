@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from tests_helpers import sample
+from tests_helpers import sample, train
 
 from glance_core import schedules
 
@@ -35,24 +35,6 @@ def flux(comfy_nodes, tiny):
         model = tiny.build("flux", 0)
         vae = comfy.sd.VAE(sd=tiny.tiny_vae_state_dict("flux", 0))
     return model, vae
-
-
-def train(comfy_nodes, model, positive, **kw):
-    args = dict(
-        objective="official",
-        expert="both",
-        steps=6,
-        rank=4,
-        alpha=4.0,
-        learning_rate=1e-3,
-        seed=0,
-        target_layers="official",
-        batch=1,
-        resolution=64,
-    )
-    args.update(kw)
-    with torch.inference_mode():
-        return _n(comfy_nodes, "OneShotTrainer").execute(model, positive, **args).args
 
 
 def train_official(training, model, tiny, x0, job, steps: int):

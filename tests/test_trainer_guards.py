@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+import tests_helpers
 import torch
 from safetensors import safe_open
 
@@ -74,21 +75,7 @@ def counting(model, on_call=None):
 
 
 def train(comfy_nodes, model, positive, inference: bool = True, **kw):
-    args = dict(
-        objective="official",
-        expert="both",
-        steps=3,
-        rank=4,
-        alpha=4.0,
-        learning_rate=1e-3,
-        seed=0,
-        target_layers="official",
-        batch=1,
-        resolution=64,
-    )
-    args.update(kw)
-    with torch.inference_mode(inference):
-        return _n(comfy_nodes, "OneShotTrainer").execute(model, positive, **args).args
+    return tests_helpers.train(comfy_nodes, model, positive, inference, **{"steps": 3, **kw})
 
 
 def _state(model):
