@@ -89,4 +89,4 @@ def check_finite(**values: float) -> None:
     """NaN passes ComfyUI's min/max check (every comparison with NaN is False); refuse it and ±inf by name."""
     for name, v in values.items():
         if v is not None and not math.isfinite(float(v)):
-            raise GlanceError(f"{name} is {v}: it must be a finite number. Set a value in its range.")
+            raise GlanceError(f"{name} must be a finite number (got {v}): set a value in its range.")

@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import math
-
 import folder_paths
 from comfy_api.latest import io
 
 from ..glance_core import GlanceError, experts, lora_files
-from .common import CATEGORY, require_flow_model
+from .common import CATEGORY, check_finite, require_flow_model
 
 NONE = "None"
-
-
-def _finite(name: str, value: float) -> float:
-    if not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise GlanceError(f"{name} must be a finite number (got {value!r}); type a number such as 1.0.")
-    return float(value)
 
 
 def _lora_expert(model, name: str, strength: float, role: str, lora_model: dict | None = None):
@@ -118,8 +110,7 @@ class PhaseAwareLoRALoader(io.ComfyNode):
     ) -> io.NodeOutput:
         require_flow_model(model, "Glance Phase-Aware LoRA Loader")
         # Cheap checks first: a bad number must not cost a LoRA load.
-        slow_strength = _finite("slow_strength", slow_strength)
-        fast_strength = _finite("fast_strength", fast_strength)
+        check_finite(slow_strength=slow_strength, fast_strength=fast_strength)
         boundary_sigma = experts.resolve_boundary(model, boundary_sigma)
         slow = _lora_expert(model, slow_lora, slow_strength, "Slow", slow_lora_model)
         fast = _lora_expert(model, fast_lora, fast_strength, "Fast", fast_lora_model)

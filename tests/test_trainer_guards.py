@@ -318,10 +318,10 @@ def test_bad_numbers_and_choices_are_named_before_any_work(comfy_nodes, tiny, fl
     pos = tiny.conditioning("flux", 1)
     wide = torch.rand(1, 64, 640, 3)  # 10:1, which the 32-px floor at resolution 64 squashed to 2:1
     cases = [
-        (dict(learning_rate=float("nan")), "learning_rate is nan: it must be a finite number"),
-        (dict(learning_rate=float("inf")), "learning_rate is inf"),
-        (dict(alpha=float("nan")), "alpha is nan"),
-        (dict(boundary_sigma=float("nan")), "boundary_sigma is nan"),
+        (dict(learning_rate=float("nan")), "learning_rate must be a finite number \\(got nan\\)"),
+        (dict(learning_rate=float("inf")), "learning_rate must be a finite number \\(got inf\\)"),
+        (dict(alpha=float("nan")), "alpha must be a finite number \\(got nan\\)"),
+        (dict(boundary_sigma=float("nan")), "boundary_sigma must be a finite number \\(got nan\\)"),
         (dict(expert="medium"), "expert 'medium' is not one of 'both', 'slow', 'fast'"),
         (dict(objective="arcflow"), "objective 'arcflow' is not one of 'official', 'trajectory'"),
         (dict(target_layers="mlp"), "target_layers 'mlp' is not one of 'official', 'attention', 'all_linear'"),
