@@ -19,11 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
 
-from bench.bench_phase_lora import _sync, build_model, conditioning
+from bench.bench_phase_lora import build_model, conditioning, timed
 from devtools import comfy_env, tiny_models
 
 
@@ -40,11 +39,7 @@ def time_blocks(groups: list[dict], repeats: int, rounds: int, device: str) -> d
             next(iter(group.values()))()  # warm-up: loads the model (and merges its LoRA) once, untimed
             for _ in range(repeats):
                 for k, f in group.items():
-                    _sync(device)
-                    t = time.perf_counter()
-                    f()
-                    _sync(device)
-                    times[k].append(time.perf_counter() - t)
+                    times[k].append(timed(f, device))
     return times
 
 

@@ -42,6 +42,15 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def timed(fn, device: str) -> float:
+    """Wall seconds of one call of ``fn``, the device's queued work included."""
+    _sync(device)
+    t = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t
+
+
 def time_interleaved(variants: dict, repeats: int, device: str) -> dict[str, list[float]]:
     """Wall times of each variant, run round-robin ``repeats`` times after one warm-up call each."""
     for f in variants.values():
@@ -49,11 +58,7 @@ def time_interleaved(variants: dict, repeats: int, device: str) -> dict[str, lis
     times: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(repeats):
         for k, f in variants.items():
-            _sync(device)
-            t = time.perf_counter()
-            f()
-            _sync(device)
-            times[k].append(time.perf_counter() - t)
+            times[k].append(timed(f, device))
     return times
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from bench.bench_phase_lora import timed
 from devtools import comfy_env, tiny_models
 
 GLANCE = {
@@ -43,29 +44,16 @@ RANK = {"flux": 16, "qwen_image": 32}
 FULL = {"flux": tiny_models.FLUX_DEV, "qwen_image": tiny_models.QWEN_IMAGE}
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _timed(fn, device: str) -> float:
-    _sync(device)
-    t = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - t
-
-
 def _median_block(fn, repeats: int, device: str) -> float:
     fn()  # warm-up: loads the model and its patches once
-    return statistics.median(_timed(fn, device) for _ in range(repeats))
+    return statistics.median(timed(fn, device) for _ in range(repeats))
 
 
 def _peak(fn, device: str) -> tuple[float, float]:
     """(seconds, peak GiB on the GPU; NaN on the CPU)."""
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    s = _timed(fn, device)
+    s = timed(fn, device)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
     return s, peak
 
