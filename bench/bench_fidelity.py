@@ -30,15 +30,7 @@ from glance_core import scenes
 
 CFG = 3.0
 SEEDS = 4
-#: The adapters' training captions: one per category (the one-caption rows use the first).
-HANDFUL = [
-    "a red circle left of a blue square",
-    "two blue squares",
-    "a red square and a blue circle",
-    "a yellow square",
-    "a circle and a triangle",
-    "a triangle",
-]
+HANDFUL = list(scenes.HANDFUL)  # the adapters' training captions
 #: The training recipe of the trajectory rows (what it gives on this teacher: docs/fidelity.md).
 TRAJECTORY = dict(targets="all_linear", rank=8, alpha=8.0, lr=5e-4, batch=16, steps=300, noises=4)
 OFFICIAL_STEPS = 60

@@ -12,6 +12,8 @@ import json
 import tempfile
 from pathlib import Path
 
+from glance_core import scenes
+
 from . import comfy_env
 from .server import ComfyServer
 from .workflow import Graph, Node, build_ui
@@ -414,14 +416,16 @@ def _trainer(
     g: Graph,
     model: tuple[Node, int],
     positive: tuple[Node, int],
-    image: Node,
-    vae: tuple[Node, int],
+    image: Node | None,
+    vae: tuple[Node, int] | None,
     sched: Node,
     resolution: int,
     cfg: float,
     negative: tuple[Node, int] | None = None,
+    **widgets,
 ) -> tuple[Node, Node]:
-    """The One-Shot Trainer (official objective, node defaults otherwise), wired, and its loss-curve preview."""
+    """The One-Shot Trainer (official objective and node defaults unless ``widgets`` say otherwise), wired, and
+    its loss-curve preview."""
     trainer = g.add(
         Node(
             10,
@@ -446,14 +450,17 @@ def _trainer(
                 "captions": "",
                 "save_name": "",
                 "overwrite": False,
-            },
+            }
+            | widgets,
             size=(380, 620),
         )
     )
     g.link(*model, trainer, "model")
     g.link(*positive, trainer, "positive")
-    g.link(image, 0, trainer, "image")
-    g.link(*vae, trainer, "vae")
+    if image is not None:
+        g.link(image, 0, trainer, "image")
+    if vae is not None:
+        g.link(*vae, trainer, "vae")
     g.link(sched, 0, trainer, "sigmas")
     g.link(sched, 1, trainer, "boundary_sigma")
     if negative is not None:
@@ -561,15 +568,6 @@ def arcflow_graph(arch: str) -> Graph:
     return g
 
 
-#: The captions the demo's experts learn from (one per line of the caption node): one per kind of scene.
-REFERENCE_TRAINING_CAPTIONS = [
-    "a red circle left of a blue square",
-    "two blue squares",
-    "a red square and a blue circle",
-    "a yellow square",
-    "a circle and a triangle",
-    "a triangle",
-]
 #: The trajectory recipe of the demo's One-Shot Trainer, sized for the demo's time (what it gives: README, Benchmarks).
 REFERENCE_TRAINER = {"steps": 100, "rank": 8, "alpha": 8.0, "learning_rate": 1e-3, "batch": 8, "noises": 4}
 
@@ -585,7 +583,7 @@ def glance_reference_demo() -> Graph:
             1,
             "GlanceReferenceLoader",
             (X[1], 0),
-            {"model_name": name, "prompt": REFERENCE_TRAINING_CAPTIONS[0], "negative_prompt": ""},
+            {"model_name": name, "prompt": scenes.HANDFUL[0], "negative_prompt": ""},
             size=(380, 170),
             title="Reference teacher",
         )
@@ -595,7 +593,7 @@ def glance_reference_demo() -> Graph:
             5,
             "GlanceReferenceTextEncode",
             (X[1], 230),
-            {"model_name": name, "text": "\n".join(REFERENCE_TRAINING_CAPTIONS)},
+            {"model_name": name, "text": "\n".join(scenes.HANDFUL)},
             size=(380, 220),
             title="Training captions (one per line)",
         )
@@ -633,41 +631,20 @@ def glance_reference_demo() -> Graph:
     )
     sched = _scheduler(g, "glance_flux", 0.0)
     g.link(ref, 0, sched, "model")
-    trainer = g.add(
-        Node(
-            10,
-            "OneShotTrainer",
-            (X[3], 280),
-            {
-                "objective": "trajectory",
-                "expert": "both",
-                "steps": REFERENCE_TRAINER["steps"],
-                "rank": REFERENCE_TRAINER["rank"],
-                "alpha": REFERENCE_TRAINER["alpha"],
-                "learning_rate": REFERENCE_TRAINER["learning_rate"],
-                "seed": 0,
-                "target_layers": "all_linear",
-                "batch": REFERENCE_TRAINER["batch"],
-                "resolution": 32,
-                "boundary_sigma": 0.9,
-                "cfg": 3.0,
-                "noises": REFERENCE_TRAINER["noises"],
-                "teacher_steps": 50,
-                "student_mix": 0.0,
-                "captions": "",
-                "save_name": "",
-                "overwrite": False,
-            },
-            size=(380, 620),
-        )
+    trainer, curve = _trainer(
+        g,
+        (ref, 0),
+        (train_caps, 0),
+        None,
+        None,
+        sched,
+        32,
+        3.0,
+        negative=(ref, 2),
+        objective="trajectory",
+        target_layers="all_linear",
+        **{k: REFERENCE_TRAINER[k] for k in ("steps", "rank", "alpha", "learning_rate", "batch", "noises")},
     )
-    g.link(ref, 0, trainer, "model")
-    g.link(train_caps, 0, trainer, "positive")
-    g.link(ref, 2, trainer, "negative")
-    g.link(sched, 0, trainer, "sigmas")
-    g.link(sched, 1, trainer, "boundary_sigma")
-    curve = g.add(Node(11, "PreviewImage", (X[4], 0), size=(380, 340), title="Loss curve"))
-    g.link(trainer, 3, curve, "images")
     _section(
         g,
         "Train the Slow and Fast experts from the teacher's rollouts",

@@ -50,6 +50,16 @@ HELD_OUT_PAIRS = frozenset({("green", "triangle"), ("yellow", "circle"), ("purpl
 HELD_OUT_RELATIONS = frozenset(
     {("square", "right of", "circle"), ("triangle", "above", "square"), ("circle", "below", "triangle")}
 )
+#: A handful of training captions, one per kind of scene: what the demo's experts and the benchmark's adapters
+#: learn from (the one-caption rows use the first).
+HANDFUL = (
+    "a red circle left of a blue square",
+    "two blue squares",
+    "a red square and a blue circle",
+    "a yellow square",
+    "a circle and a triangle",
+    "a triangle",
+)
 VOCAB = ["", "a", "and", "of", *NUMBERS, "left", "right", "above", "below", *COLOURS, *SHAPES, *PLURAL.values()]
 #: Words in the longest caption ("a red circle left of a blue square").
 MAX_WORDS = 8

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from tests_helpers import sample
+from tests_helpers import model_state, same_state, sample
 
 ARCHS = ["flux", "qwen_image"]
 PRESET = {"flux": "glance_flux", "qwen_image": "glance_qwen_image"}
@@ -211,17 +211,11 @@ def test_every_layout_matches_stock_loader(comfy_nodes, tiny, loras_dir, arch, l
 
 
 # --- Bad input ---------------------------------------------------------------------------------
-def _state(model):
-    return {k: v.detach().clone() for k, v in model.model.state_dict().items()}
-
-
-def _same_state(model, state):
-    return all(torch.equal(v, state[k]) for k, v in model.model.state_dict().items())
 
 
 def test_bad_inputs_get_clear_errors_and_change_nothing(comfy_nodes, tiny, loras_dir):
     model = tiny.build("flux", 0)
-    state = _state(model)
+    state = model_state(model)
     tiny.save_lora(loras_dir / "ok.safetensors", tiny.glance_lora("flux", 1))
     tiny.save_lora(loras_dir / "qwen.safetensors", tiny.glance_lora("qwen_image", 1))
     tiny.save_lora(
@@ -256,7 +250,7 @@ def test_bad_inputs_get_clear_errors_and_change_nothing(comfy_nodes, tiny, loras
     eps = _n(comfy_nodes, "ModelSamplingDiscrete")().patch(model, "eps", False)[0]
     with pytest.raises(ValueError, match="flow-matching model"):
         phase(comfy_nodes, eps, "ok.safetensors", "ok.safetensors", 0.9)
-    assert _same_state(model, state)
+    assert same_state(model, state)
 
 
 # --- The base model stays bit-identical: after a run, an interrupt, an exception -----------------
@@ -278,7 +272,7 @@ def test_base_model_is_bit_identical_after_run_interrupt_and_exception(comfy_nod
         )
 
     base_out = run(model)
-    state = _state(model)
+    state = model_state(model)
     versions = {k: v._version for k, v in model.model.state_dict(keep_vars=True).items()}
     ours = phase(comfy_nodes, model, "slow.safetensors", "fast.safetensors", boundary)
     assert not ours.patches, "nothing is merged into the weights"
@@ -304,6 +298,6 @@ def test_base_model_is_bit_identical_after_run_interrupt_and_exception(comfy_nod
     assert torch.equal(run(model), base_out)
     assert torch.equal(run(ours), lora_out), "the phase model still works after an interrupted run"
     mm.unload_all_models()
-    assert _same_state(model, state)
+    assert same_state(model, state)
     assert all(not m._forward_hooks for m in model.model.modules()), "hooks are removed when unloaded"
     assert glance.glance_core.experts.phase_loras(ours)[0].active is None

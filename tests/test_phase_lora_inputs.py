@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from tests_helpers import sample
+from tests_helpers import model_state, same_state, sample
 
 
 def _n(comfy_nodes, name):
@@ -27,14 +27,6 @@ def stock_lora(comfy_nodes, model, name, strength=1.0):
 def close(a, b, tol=1e-5):
     scale = max(float(b.abs().max()), 1.0)
     return float((a - b).abs().max()) <= tol * scale
-
-
-def _state(model):
-    return {k: v.detach().clone() for k, v in model.model.state_dict().items()}
-
-
-def _same_state(model, state):
-    return all(torch.equal(v, state[k]) for k, v in model.model.state_dict().items())
 
 
 # --- Numbers: NaN / inf never pass ------------------------------------------------------------------
@@ -99,13 +91,13 @@ def _broken_files(tiny) -> dict[str, tuple[dict, str]]:
 
 def test_broken_and_misfit_lora_files_are_named_errors(comfy_nodes, tiny, loras_dir):
     model = tiny.build("flux", 0)
-    state = _state(model)
+    state = model_state(model)
     tiny.save_lora(loras_dir / "ok.safetensors", tiny.glance_lora("flux", 2))
     for name, (sd, msg) in _broken_files(tiny).items():
         tiny.save_lora(loras_dir / f"{name}.safetensors", sd)
         with pytest.raises(ValueError, match=msg):
             phase(comfy_nodes, model, "ok.safetensors", f"{name}.safetensors", 0.5)
-    assert _same_state(model, state)
+    assert same_state(model, state)
 
 
 def test_a_lora_model_input_gets_the_same_checks(comfy_nodes, tiny):

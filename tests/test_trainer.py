@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from tests_helpers import sample, train
+from tests_helpers import model_state, sample, train
 
 from glance_core import schedules
 
@@ -68,10 +68,6 @@ def record_sigmas(model):
     m = model.clone()
     m.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, "test_record", wrapper)
     return m, seen
-
-
-def _state(model):
-    return {k: v.detach().clone() for k, v in model.model.state_dict().items()}
 
 
 def test_node_trains_both_experts_from_a_real_photo(comfy_nodes, tiny, flux, photo):
@@ -172,7 +168,7 @@ def test_interrupt_stops_promptly_keeps_the_model_and_writes_nothing(comfy_nodes
     import comfy.patcher_extension as pe
 
     model, vae = flux
-    state = _state(model)
+    state = model_state(model)
     calls = [0]
 
     def interrupt_after_5(executor, *args, **kwargs):
@@ -198,7 +194,7 @@ def test_bad_inputs_are_named(comfy_nodes, tiny, flux, photo):
 
     model, vae = flux
     pos = tiny.conditioning("flux", 1)
-    state = _state(model)
+    state = model_state(model)
     with torch.inference_mode():
         sd4 = {k: v for k, v in TAESD(latent_channels=4).state_dict().items()}
         vae4 = comfy.sd.VAE(sd=tiny.seeded_state_dict({k: v.shape for k, v in sd4.items()}, 0))

@@ -78,10 +78,6 @@ def train(comfy_nodes, model, positive, inference: bool = True, **kw):
     return tests_helpers.train(comfy_nodes, model, positive, inference, **{"steps": 3, **kw})
 
 
-def _state(model):
-    return {k: v.detach().clone() for k, v in model.model.state_dict().items()}
-
-
 # ---------------------------------------------------------------------------------------------
 # ComfyUI's training switch
 # ---------------------------------------------------------------------------------------------
@@ -184,12 +180,15 @@ def test_trains_on_fp8_weights_loaded_like_unetloader(comfy_nodes, tiny, flux, p
         folder_paths.folder_names_and_paths["diffusion_models"][0].remove(str(d))
     weights = [p for p in model.model.diffusion_model.parameters() if p.ndim == 2]
     assert weights and all(p.dtype == torch.float8_e4m3fn for p in weights)
-    state = _state(model)
+    state = tests_helpers.model_state(model)
     _, vae = flux
     slow, fast, trained, _ = train(comfy_nodes, model, tiny.conditioning("flux", 1), image=photo, vae=vae, steps=4)
     assert slow and fast and all(torch.isfinite(v).all() and v.dtype == torch.float32 for v in slow.values())
     assert any(float(v.abs().max()) > 0 for k, v in fast.items() if "lora_B" in k)
-    assert all(torch.equal(v.view(torch.uint8), state[k].view(torch.uint8)) for k, v in _state(model).items())
+    assert all(
+        torch.equal(v.view(torch.uint8), state[k].view(torch.uint8))
+        for k, v in tests_helpers.model_state(model).items()
+    )
 
 
 def test_mixed_precision_linear_layers_are_trained(comfy_nodes, tiny, photo, flux, training, lora_layer):
@@ -251,7 +250,7 @@ def test_a_partially_loaded_model_trains_like_a_fully_loaded_one(comfy_nodes, ti
 
     with torch.inference_mode():
         model = tiny.build("flux", 0)
-    state = _state(model)
+    state = tests_helpers.model_state(model)
     cond = tiny.conditioning("flux", 1)
     gen = torch.Generator().manual_seed(0)
     x0 = torch.randn(1, 16, 8, 8, generator=gen)
@@ -294,7 +293,7 @@ def test_a_partially_loaded_model_trains_like_a_fully_loaded_one(comfy_nodes, ti
     assert part_loss == pytest.approx(full_loss, rel=1e-5)
     for a, b in zip(full_grads, part_grads):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7) and float(a.abs().max()) > 0
-    assert all(torch.equal(v, state[k]) for k, v in _state(model).items())
+    assert all(torch.equal(v, state[k]) for k, v in tests_helpers.model_state(model).items())
 
 
 def test_vae_with_trainable_weights_does_not_tie_steps_together(comfy_nodes, tiny, photo):

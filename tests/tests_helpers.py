@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 
 def sample(comfy_nodes, model, sigmas, pos, neg, latent, cfg=3.0, seed=0, add_noise=True, sampler="euler"):
     """SamplerCustomAdvanced with RandomNoise/DisableNoise, CFGGuider and KSamplerSelect."""
@@ -16,8 +18,6 @@ def sample(comfy_nodes, model, sigmas, pos, neg, latent, cfg=3.0, seed=0, add_no
 def train(comfy_nodes, model, positive, inference: bool = True, **kw):
     """OneShotTrainer as the executor calls it (inside inference mode unless ``inference`` is False), with small
     official-objective settings that ``kw`` overrides."""
-    import torch
-
     args = dict(
         objective="official",
         expert="both",
@@ -33,3 +33,13 @@ def train(comfy_nodes, model, positive, inference: bool = True, **kw):
     args.update(kw)
     with torch.inference_mode(inference):
         return comfy_nodes.NODE_CLASS_MAPPINGS["OneShotTrainer"].execute(model, positive, **args).args
+
+
+def model_state(model) -> dict:
+    """A copy of every tensor of a ModelPatcher's model (to prove later that nothing changed)."""
+    return {k: v.detach().clone() for k, v in model.model.state_dict().items()}
+
+
+def same_state(model, state: dict) -> bool:
+    """The model's tensors equal a ``model_state`` snapshot bit for bit."""
+    return all(torch.equal(v, state[k]) for k, v in model.model.state_dict().items())
