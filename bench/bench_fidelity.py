@@ -5,7 +5,8 @@
 Same noises for every row (per caption, seeded from the caption). Held-out conditions: the 18 captions of
 ``glance_core.scenes.held_out_captions`` (compositions the teacher never drew, captions no adapter saw) × seeds.
 Seen conditions: the handful of captions the adapters train on (``HANDFUL``; the one-caption rows use its first),
-with noises no rollout used. The teacher samples with CFG 3 (negative: the empty caption); ArcFlow distils the CFG in.
+with noises no rollout used. The teacher samples with CFG 5 (``reference_model.CFG``; negative: the empty caption);
+ArcFlow distils the CFG in.
 
 Columns: PSNR and SSIM to the teacher's 50-step output from the same noise; the exact prompt-following score of
 ``glance_core.scenes`` (GenEval-style mean over categories), absolute and ÷ the teacher's 50-step score; the sliced
@@ -26,13 +27,13 @@ import numpy as np
 import torch
 
 from devtools import comfy_env
-from glance_core import scenes
+from glance_core import reference_model, scenes
 
-CFG = 3.0
+CFG = reference_model.CFG
 SEEDS = 4
 HANDFUL = list(scenes.HANDFUL)  # the adapters' training captions
 #: The training recipe of the trajectory rows (what it gives on this teacher: docs/fidelity.md).
-TRAJECTORY = dict(targets="all_linear", rank=8, alpha=8.0, lr=5e-4, batch=16, steps=300, noises=4)
+TRAJECTORY = dict(targets="all_linear", rank=8, alpha=8.0, lr=5e-4, batch=16, steps=300, noises=8)
 OFFICIAL_STEPS = 60
 ARCFLOW_ITERATIONS = 600
 
@@ -319,10 +320,8 @@ def main(argv: list[str] | None = None) -> dict:
     if "trajectory" in groups:
         for count in map(int, args.captions.split(",")):
             label = "1 caption" if count == 1 else f"{count} captions"
-            noises = TRAJECTORY["noises"] if count < 48 else 1
             trained(
-                f"Glance trajectory, {label}", 10, glance[10], "trajectory", gain_goal(10, 6.0), captions=pool(count),
-                noises=noises,
+                f"Glance trajectory, {label}", 10, glance[10], "trajectory", gain_goal(10, 6.0), captions=pool(count)
             )  # fmt: skip
     if "steps" in groups:
         for n in (6, 4):
@@ -358,7 +357,7 @@ def main(argv: list[str] | None = None) -> dict:
         )  # fmt: skip
         trained(
             "K = 1 average-velocity student (trajectory, one LoRA, 2 steps)", 2, arc2, "trajectory", arc_goal,
-            captions=pool(48), noises=1, single=True,
+            captions=pool(48), single=True,
         )  # fmt: skip
 
     report(rows, args.out, images, curves, b, teacher_score)

@@ -1,6 +1,6 @@
 """How good is the reference teacher? Prompt-following score at 50 steps and how far plain few-step Euler is off.
 
-    .venv/bin/python -m bench.bench_teacher [--model FILE] [--seeds 4] [--cfg 3]     (≈ 2 min, one thread)
+    .venv/bin/python -m bench.bench_teacher [--model FILE] [--seeds 4] [--cfg 5]     (≈ 2 min, one thread)
 
 For the seen and the held-out captions of ``glance_core.scenes`` (× seeds): the score of the teacher's 50-step
 output (per category and overall), the score and PSNR to that output of plain Euler at 10 steps (the Glance sigmas
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from devtools import comfy_env
-from glance_core import scenes
+from glance_core import reference_model, scenes
 
 
 def _pack(name: str):
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=None)
     ap.add_argument("--seeds", type=int, default=4)
-    ap.add_argument("--cfg", type=float, default=3.0)
+    ap.add_argument("--cfg", type=float, default=reference_model.CFG)
     ap.add_argument("--out", type=Path, default=comfy_env.REPO / "out" / "bench_teacher")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)

@@ -5,8 +5,9 @@
 1. The shipped demo workflow (workflows/glance_reference_demo.json) on the pack's reference teacher: the One-Shot
    Trainer learns the Slow/Fast experts from the teacher's own rollouts for six captions ('trajectory'), then
    held-out captions are sampled with the 10-step Glance graph and, from the same noise, with the teacher's 50 steps,
-   plain 10-step Euler and the released one-image recipe ('official'). Writes reference_sheet.png and the times,
-   speedup, prompt-following score and PSNR to the 50-step output into the report.
+   plain 10-step Euler, the 2-step ArcFlow student the same graph distils (ArcFlow Distiller) and the released
+   one-image recipe ('official'). Writes reference_sheet.png and the times, speedups, prompt-following score and
+   PSNR to the 50-step output into the report.
 2. Every other shipped workflow, on tiny seeded stand-ins of FLUX / Qwen-Image under the workflows' file names
    (random weights: those images are patterns, not pictures), timed.
 
@@ -87,6 +88,15 @@ REF_NODES = {
     "noise": "20",
     "glance_save": "25",
     "teacher_save": "28",
+    "distiller": "50",
+    "arcflow_save": "57",
+}
+#: Each SaveImage branch of the demo graph: the nodes only it needs (the trainer and distiller are dropped with
+#: their loss previews when no kept branch uses them).
+BRANCHES = {
+    "glance": ("23", "24", "25", "8", "11", "10"),
+    "teacher": ("26", "27", "28", "12", "13"),
+    "arcflow": ("55", "56", "57", "53", "52", "51", "50"),
 }
 SCENE_IMAGE = "reference_scene.png"
 
@@ -102,8 +112,8 @@ def _outputs(srv: ComfyServer, entry: dict, node: str) -> np.ndarray:
 
 
 def _branch(api: dict, keep: str) -> dict:
-    """The prompt with only one SaveImage branch (the trainer's output stays cached in ComfyUI)."""
-    drop = {"glance": ("26", "27", "28", "12", "13"), "teacher": ("23", "24", "25", "8", "11")}[keep]
+    """The prompt with only one SaveImage branch (the trainer's and distiller's outputs stay cached in ComfyUI)."""
+    drop = {k for name, nodes in BRANCHES.items() if name != keep for k in nodes}
     return {k: v for k, v in api.items() if k not in drop}
 
 
@@ -128,6 +138,7 @@ COLUMNS = [
     ("teacher", "teacher, 50 steps (100 evals)"),
     ("glance", "Glance, 10 steps (20 evals)"),
     ("euler10", "plain Euler, 10 steps (20 evals)"),
+    ("arcflow", "ArcFlow, 2 steps (2 evals)"),
     ("official", "Glance 'official', 1 image"),
 ]
 
@@ -141,6 +152,7 @@ def reference_demo(srv: ComfyServer, info: dict, out: Path, repeats: int, quick:
     n = REF_NODES
     if quick:  # a smoke run of the code path, not the demo
         api[n["trainer"]]["inputs"].update(steps=3, noises=1)
+        api[n["distiller"]]["inputs"].update(iterations=3)
     # the trainer wants at least 64 px a side: the 32-px scene, each pixel 4 x 4 (it resizes back to 32)
     scene = (scenes.render(api[n["loader"]]["inputs"]["prompt"], 0) * 255).round().astype(np.uint8)
     Image.fromarray(scene.repeat(4, 0).repeat(4, 1)).save(srv.base / "input" / SCENE_IMAGE)
@@ -157,7 +169,7 @@ def reference_demo(srv: ComfyServer, info: dict, out: Path, repeats: int, quick:
             a[n["caption"]]["inputs"]["text"] = cap
         # ComfyUI reports only the nodes it ran: an unchanged prompt would come back empty from its cache.
         entry = first if cap == default else _timed_run(srv, api, ui)[1]
-        imgs = {"glance": _outputs(srv, entry, n["glance_save"]), "teacher": _outputs(srv, entry, n["teacher_save"])}
+        imgs = {k: _outputs(srv, entry, n[f"{k}_save"]) for k in ("glance", "teacher", "arcflow")}
         imgs["euler10"] = _outputs(srv, _timed_run(srv, _branch(euler, "glance"), ui)[1], n["glance_save"])
         t, entry = _timed_run(srv, official, ui)
         official_s = official_s or t  # the first official run trains its experts
@@ -172,23 +184,28 @@ def reference_demo(srv: ComfyServer, info: dict, out: Path, repeats: int, quick:
         print(
             f"  {cap:40s} score teacher {row['teacher_score']:.2f} | Glance {row['glance_score']:.2f}, "
             f"{row['glance_psnr']:.2f} dB | Euler 10 {row['euler10_score']:.2f}, {row['euler10_psnr']:.2f} dB | "
+            f"ArcFlow 2 {row['arcflow_score']:.2f}, {row['arcflow_psnr']:.2f} dB | "
             f"official {row['official_score']:.2f}, {row['official_psnr']:.2f} dB",
             flush=True,
         )
     times = {}
-    for name, a in (("glance", _branch(api, "glance")), ("teacher", _branch(api, "teacher"))):
-        times[name] = _median_time(srv, a, ui, repeats)
+    for name in ("glance", "teacher", "arcflow"):
+        times[name] = _median_time(srv, _branch(api, name), ui, repeats)
     _reference_sheet(tiles, out / "reference_sheet.png")
     mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "caption"}
     return {
         "captions": rows,
         "mean": mean,
         "training": dict(api[n["trainer"]]["inputs"]),
+        "cfg": api[n["glance_guider"]]["inputs"]["cfg"],
         "first_run_with_training_s": round(train_s, 2),
         "official_first_run_s": round(official_s or 0.0, 2),
         "glance_run_s": round(statistics.median(times["glance"]), 3),
         "teacher_run_s": round(statistics.median(times["teacher"]), 3),
+        "arcflow_run_s": round(statistics.median(times["arcflow"]), 3),
         "speedup": round(statistics.median(times["teacher"]) / statistics.median(times["glance"]), 2),
+        "arcflow_speedup": round(statistics.median(times["teacher"]) / statistics.median(times["arcflow"]), 2),
+        "distiller": {k: api[n["distiller"]]["inputs"][k] for k in ("iterations", "components", "rank", "batch")},
     }
 
 
@@ -235,7 +252,9 @@ def main(argv: list[str] | None = None) -> Path:
     tiny_models.write_workflow_assets(base / "models")
     tiny_models.write_example_image(base / "input")
     results = {}
-    with ComfyServer(base) as srv:
+    # LRU caching keeps the trained experts and the distilled student while the demo alternates between prompts
+    # (ComfyUI 0.3.x's default cache drops the outputs of nodes the current prompt lacks, and would train again).
+    with ComfyServer(base, extra_args=("--cache-lru", "64")) as srv:
         info = srv.object_info()
         ref = reference_demo(srv, info, out, args.repeats, args.quick)
         for name, label in RUNS:
@@ -287,7 +306,8 @@ def main(argv: list[str] | None = None) -> Path:
         f"One-Shot Trainer, objective 'trajectory' ({tr['steps']} steps per expert, rank {tr['rank']} on every "
         f"Linear, batch {tr['batch']}, {tr['noises']} teacher rollouts per caption) on six captions, no image; then "
         f"{len(HELD_OUT)} held-out captions × 4 seeds (compositions the teacher never saw, captions the experts never "
-        "saw), sampled with the 10-step Glance graph and with the teacher's 50 steps from the same noise (CFG 3, so "
+        "saw), sampled with the 10-step Glance graph and with the teacher's 50 steps from the same noise "
+        f"(CFG {ref['cfg']:g}, so "
         "20 vs 100 evaluations). Score: the exact prompt-following score of glance_core.scenes (share of images that "
         "show what the caption asks). The released one-image recipe ('official', 60 steps on one rendered scene) "
         "runs too, reported as it is.",
@@ -295,23 +315,27 @@ def main(argv: list[str] | None = None) -> Path:
         f"- first run (teacher rollouts + training both experts + sampling): {ref['first_run_with_training_s']} s; "
         f"official recipe's first run: {ref['official_first_run_s']} s",
         f"- sampling a batch of 4, whole prompt: Glance {ref['glance_run_s']} s, teacher {ref['teacher_run_s']} s: "
-        f"**{ref['speedup']}×** faster",
+        f"**{ref['speedup']}×** faster; ArcFlow {ref['arcflow_run_s']} s: **{ref['arcflow_speedup']}×** (ArcFlow "
+        f"Distiller in the same graph: {ref['distiller']['iterations']} iterations, K = "
+        f"{ref['distiller']['components']}, rank {ref['distiller']['rank']}, batch {ref['distiller']['batch']}, on "
+        "the six training captions)",
         f"- mean over captions: score teacher {m['teacher_score']:.2f}, Glance {m['glance_score']:.2f}, plain Euler "
-        f"10 {m['euler10_score']:.2f}, official {m['official_score']:.2f}; PSNR to the teacher's 50 steps: Glance "
-        f"**{m['glance_psnr']:.2f} dB**, plain Euler 10 {m['euler10_psnr']:.2f} dB, official "
-        f"{m['official_psnr']:.2f} dB",
+        f"10 {m['euler10_score']:.2f}, ArcFlow 2 {m['arcflow_score']:.2f}, official {m['official_score']:.2f}; PSNR "
+        f"to the teacher's 50 steps: Glance **{m['glance_psnr']:.2f} dB**, plain Euler 10 {m['euler10_psnr']:.2f} dB, "
+        f"ArcFlow 2 {m['arcflow_psnr']:.2f} dB, official {m['official_psnr']:.2f} dB",
         "",
         "| held-out caption | teacher score | Glance score | Glance PSNR (dB) | Euler 10 score | Euler 10 PSNR (dB) "
-        "| official score | official PSNR (dB) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| ArcFlow 2 score | ArcFlow 2 PSNR (dB) | official score | official PSNR (dB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         *[
             f"| {r['caption']} | {r['teacher_score']:.2f} | {r['glance_score']:.2f} | {r['glance_psnr']:.2f} | "
-            f"{r['euler10_score']:.2f} | {r['euler10_psnr']:.2f} | {r['official_score']:.2f} | "
+            f"{r['euler10_score']:.2f} | {r['euler10_psnr']:.2f} | {r['arcflow_score']:.2f} | "
+            f"{r['arcflow_psnr']:.2f} | {r['official_score']:.2f} | "
             f"{r['official_psnr']:.2f} |"
             for r in ref["captions"]
         ],
         "",
-        "Side by side (teacher | Glance | plain Euler | official, 4 seeds each): reference_sheet.png",
+        "Side by side (teacher | Glance | plain Euler | ArcFlow | official, 4 seeds each): reference_sheet.png",
         "",
         "## Every shipped workflow on tiny stand-ins",
         "",

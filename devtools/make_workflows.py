@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from glance_core import scenes
+from glance_core.reference_model import CFG as REF_CFG
 
 from . import comfy_env
 from .server import ComfyServer
@@ -570,6 +571,8 @@ def arcflow_graph(arch: str) -> Graph:
 
 #: The trajectory recipe of the demo's One-Shot Trainer, sized for the demo's time (what it gives: README, Benchmarks).
 REFERENCE_TRAINER = {"steps": 100, "rank": 8, "alpha": 8.0, "learning_rate": 1e-3, "batch": 8, "noises": 4}
+#: The demo's ArcFlow Distiller, sized for the demo's time (what it gives: README, Benchmarks).
+REFERENCE_ARCFLOW = {"iterations": 150, "components": 8, "rank": 16, "learning_rate": 1e-3, "batch": 4}
 
 
 def glance_reference_demo() -> Graph:
@@ -639,7 +642,7 @@ def glance_reference_demo() -> Graph:
         None,
         sched,
         32,
-        3.0,
+        REF_CFG,
         negative=(ref, 2),
         objective="trajectory",
         target_layers="all_linear",
@@ -651,14 +654,16 @@ def glance_reference_demo() -> Graph:
         [sched, trainer, curve],
         42,
         "Slow/Fast Scheduler 'glance_flux': the 10 Glance sigmas of the model's own 50-step schedule.\n\n"
-        f"One-Shot Trainer, 'trajectory': {REFERENCE_TRAINER['noises']} rollouts of the teacher per caption (cfg 3, "
-        f"50 steps), then {REFERENCE_TRAINER['steps']} steps per expert so that one Glance step lands where the "
-        "teacher's small steps do (rank 8 on every Linear). The released recipe, 'official' (plain loss on ONE image "
-        "and its caption: connect a Load Image and the loader's VAE), does not accelerate this teacher: the demo "
-        "reports it.",
+        f"One-Shot Trainer, 'trajectory': {REFERENCE_TRAINER['noises']} rollouts of the teacher per caption "
+        f"(cfg {REF_CFG:g}, 50 steps), then {REFERENCE_TRAINER['steps']} steps per expert so that one Glance step "
+        "lands where the teacher's small steps do (rank 8 on every Linear). The released recipe, 'official' (plain "
+        "loss on ONE image and its caption: connect a Load Image and the loader's VAE), does not accelerate this "
+        "teacher: the demo reports it.",
         COLORS["method"],
     )
-    guider = g.add(Node(8, "CFGGuider", (X[5], 0), {"cfg": 3.0}, size=(300, 100), title="Glance: CFGGuider (cfg 3)"))
+    guider = g.add(
+        Node(8, "CFGGuider", (X[5], 0), {"cfg": REF_CFG}, size=(300, 100), title=f"Glance: CFGGuider (cfg {REF_CFG:g})")
+    )
     g.link(trainer, 2, guider, "model")
     g.link(held, 0, guider, "positive")
     g.link(ref, 2, guider, "negative")
@@ -672,7 +677,9 @@ def glance_reference_demo() -> Graph:
     noise = next(n for n in g.nodes if n.type == "RandomNoise")
     sampler = next(n for n in g.nodes if n.type == "KSamplerSelect")
     x = X[5] + 720
-    t_guider = g.add(Node(12, "CFGGuider", (x, 0), {"cfg": 3.0}, size=(300, 100), title="Teacher: CFGGuider (cfg 3)"))
+    t_guider = g.add(
+        Node(12, "CFGGuider", (x, 0), {"cfg": REF_CFG}, size=(300, 100), title=f"Teacher: CFGGuider (cfg {REF_CFG:g})")
+    )
     g.link(ref, 0, t_guider, "model")
     g.link(held, 0, t_guider, "positive")
     g.link(ref, 2, t_guider, "negative")
@@ -680,38 +687,112 @@ def glance_reference_demo() -> Graph:
         Node(13, "BasicScheduler", (x, 150), {"scheduler": "simple", "steps": 50, "denoise": 1.0}, size=(300, 110))
     )
     g.link(ref, 0, t_sched, "model")
-    t_run = g.add(Node(26, "SamplerCustomAdvanced", (x + 340, 0), size=(280, 110)))
-    t_decode = g.add(Node(27, "VAEDecode", (x + 340, 160), size=(220, 50)))
-    t_save = g.add(
-        Node(28, "SaveImage", (x + 340, 260), {"filename_prefix": "glance_reference_teacher_50step"}, size=(400, 420))
+    chain = _pixel_chain(
+        g,
+        (26, 27, 28),
+        (x + 340, 0),
+        (noise, t_guider, sampler, t_sched, latent),
+        ref,
+        "glance_reference_teacher_50step",
     )
-    g.link(noise, 0, t_run, "noise")
-    g.link(t_guider, 0, t_run, "guider")
-    g.link(sampler, 0, t_run, "sampler")
-    g.link(t_sched, 0, t_run, "sigmas")
-    g.link(latent, 0, t_run, "latent_image")
-    g.link(t_run, 0, t_decode, "samples")
-    g.link(ref, 3, t_decode, "vae")
-    g.link(t_decode, 0, t_save, "images")
     _section(
         g,
         "Teacher, 50 steps (to compare)",
-        [t_guider, t_sched, t_run, t_decode, t_save],
+        [t_guider, t_sched, *chain],
         45,
         "The same noise and caption through the reference teacher's own 50-step schedule (100 evaluations with "
         "CFG): what Glance's 10 steps try to reproduce.",
         COLORS["sampling"],
     )
+    _reference_arcflow(g, ref, train_caps, held, noise, latent)
     _readme(
         g,
         "Glance on the pack's own reference model: no download needed.\n\n"
         "Queue: the One-Shot Trainer learns the Slow and Fast experts from the teacher's own rollouts for six "
         "captions (about a minute on a CPU), then a caption it never saw ('a green triangle left of a blue square') "
-        "is sampled in 10 steps with the experts and in 50 steps with the teacher, from the same noise. Compare the "
-        "two Save Image outputs. `bash scripts/demo.sh` runs this graph headless for many held-out captions and "
+        "is sampled in 10 steps with the experts and in 50 steps with the teacher, from the same noise; the ArcFlow "
+        "Distiller learns a 2-step student from the same captions, sampled from the same noise too. Compare the "
+        "three Save Image outputs. `bash scripts/demo.sh` runs this graph headless for many held-out captions and "
         "writes a sheet and a report.",
     )
     return g
+
+
+def _pixel_chain(
+    g: Graph, ids: tuple[int, int, int], pos: tuple[int, int], inputs: tuple[Node, ...], ref: Node, prefix: str
+) -> list[Node]:
+    """SamplerCustomAdvanced (noise, guider, sampler, sigmas, latent) → VAEDecode with the reference loader's
+    pixel-space VAE → SaveImage, in a column at ``pos``."""
+    (x, y), (run_id, decode_id, save_id) = pos, ids
+    run = g.add(Node(run_id, "SamplerCustomAdvanced", (x, y), size=(280, 110)))
+    decode = g.add(Node(decode_id, "VAEDecode", (x, y + 160), size=(220, 50)))
+    save = g.add(Node(save_id, "SaveImage", (x, y + 260), {"filename_prefix": prefix}, size=(400, 420)))
+    for node, slot in zip(inputs, ("noise", "guider", "sampler", "sigmas", "latent_image")):
+        g.link(node, 0, run, slot)
+    g.link(run, 0, decode, "samples")
+    g.link(ref, 3, decode, "vae")
+    g.link(decode, 0, save, "images")
+    return [run, decode, save]
+
+
+def _reference_arcflow(g: Graph, ref: Node, captions: Node, held: Node, noise: Node, latent: Node) -> None:
+    """The reference demo's ArcFlow branch: distil a 2-step student from the teacher on the training captions,
+    then sample the held-out caption from the demo's noise and latent."""
+    y = 1100
+    distiller = g.add(
+        Node(
+            50,
+            "ArcFlowDistiller",
+            (X[3], y),
+            {
+                **REFERENCE_ARCFLOW,
+                "steps": 2,
+                "resolution": 32,
+                "seed": 0,
+                "shift": 3.2,
+                "cfg": REF_CFG,
+                "captions": "",
+                "save_name": "",
+                "overwrite": False,
+            },
+            size=(380, 460),
+        )
+    )
+    g.link(ref, 0, distiller, "model")
+    g.link(captions, 0, distiller, "positive")
+    g.link(ref, 2, distiller, "negative")
+    curve = g.add(Node(51, "PreviewImage", (X[4], y), size=(380, 340), title="Distillation loss"))
+    g.link(distiller, 2, curve, "images")
+    sched = g.add(
+        Node(
+            52,
+            "BasicScheduler",
+            (X[5], y),
+            {"scheduler": "simple", "steps": 2, "denoise": 1.0},
+            size=(300, 110),
+            title="2 steps: sigmas 1.0, 0.7619, 0",
+        )
+    )
+    g.link(distiller, 0, sched, "model")
+    guider = g.add(Node(53, "BasicGuider", (X[5], y + 160), size=(300, 50), title="BasicGuider (cfg 1)"))
+    g.link(distiller, 0, guider, "model")
+    g.link(held, 0, guider, "conditioning")
+    sampler = g.add(Node(54, "ArcFlowSampler", (X[5], y + 260), size=(300, 40)))
+    chain = _pixel_chain(
+        g, (55, 56, 57), (X[5] + 340, y), (noise, guider, sampler, sched, latent), ref, "glance_reference_arcflow_2step"
+    )
+    _section(
+        g,
+        "ArcFlow: distil a 2-step student, then sample it",
+        [distiller, curve, sched, guider, sampler, *chain],
+        46,
+        f"ArcFlow Distiller: {REFERENCE_ARCFLOW['iterations']} iterations on the training captions (K = "
+        f"{REFERENCE_ARCFLOW['components']} momentum components, rank {REFERENCE_ARCFLOW['rank']}), data-free: the "
+        f"teacher's own guided velocities (cfg {REF_CFG:g}) are the targets; the guidance is distilled in.\n\n"
+        "BasicScheduler 'simple', 2 steps on the distilled model (shift 3.2): sigmas 1.0, 0.7619, 0. BasicGuider: "
+        "cfg 1. ArcFlow Sampler integrates each step in closed form: 2 evaluations per image.",
+        COLORS["method"],
+    )
 
 
 WORKFLOW_BUILDERS = {

@@ -77,13 +77,15 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
 
 
 def check_resolution(model_patcher, resolution: int) -> int:
-    """The pixel size must give whole patches of latent (VAE factor 8 × the model's patch)."""
+    """The pixel size must give whole patches of latent (the VAE's factor, 8, or 1 in pixel space, × the model's
+    patch) and at least two a side."""
     patch = model_patcher.model.model_config.unet_config.get("patch_size", 2)
-    multiple = 8 * patch
+    vae = getattr(model_patcher.model.latent_format, "spacial_downscale_ratio", 8)
+    multiple = vae * patch
     if resolution < 2 * multiple or resolution % multiple:
         lo = max(2 * multiple, resolution // multiple * multiple)
         raise GlanceError(
-            f"ArcFlow Distiller: resolution {resolution} is not a multiple of {multiple} px (the VAE's 8 × the "
+            f"ArcFlow Distiller: resolution {resolution} is not a multiple of {multiple} px (the VAE's {vae} × the "
             f"model's {patch}×{patch} patch) of at least {2 * multiple}: use {lo} or {lo + multiple}."
         )
     return resolution

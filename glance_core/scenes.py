@@ -1,7 +1,8 @@
 """Scenes made in code and an exact prompt-following score: the reference teacher's data and its GenEval.
 
-A scene is 1–3 flat shapes (circle, square, triangle) in 6 colours and random sizes on a light background,
-described by a caption of plain words. Six kinds of caption, one per score category:
+A scene is 1–3 flat shapes (circle, square, triangle) in 6 colours and random sizes on a light background, one per
+cell of a 2 × 2 layout with some jitter (so objects never touch), described by a caption of plain words. Six kinds
+of caption, one per score category:
 
 ==================  ======================================  =============================================
 category            caption                                 the image is right when it shows
@@ -63,8 +64,12 @@ HANDFUL = (
 VOCAB = ["", "a", "and", "of", *NUMBERS, "left", "right", "above", "below", *COLOURS, *SHAPES, *PLURAL.values()]
 #: Words in the longest caption ("a red circle left of a blue square").
 MAX_WORDS = 8
+#: Objects sit in the cells of a GRID × GRID layout (a 16-pixel cell is 4 × 4 of the teacher's patches): a small
+#: model learns counts and relations in a few thousand steps when objects never touch.
+GRID = 2
 #: Radius (half the side of a square, half the base of a triangle) in pixels at SIZE.
-RADIUS = (3.5, 6.0)
+RADIUS = (4.0, 5.5)
+GAP = 3.0  # pixels: the least space between two objects (and between an object and the edge, halved)
 MIN_AREA = 6  # pixels: smaller components are specks, not objects
 MARGIN = 2.0  # pixels: how far apart two centres must be for "left of" / "above" to hold
 
@@ -171,8 +176,17 @@ def draw(objects: list[Placed], size: int = SIZE, supersample: int = 4) -> np.nd
     return img.reshape(size, supersample, size, supersample, 3).mean((1, 3))
 
 
-def _free(placed: list[Placed], cx: float, cy: float, r: float) -> bool:
-    return all(np.hypot(cx - p.cx, cy - p.cy) > (r + p.r) * 1.25 + 1 for p in placed)
+def _cells(spec: Spec, rng: np.random.Generator) -> list[tuple[int, int]]:
+    """Distinct (column, row) cells of the GRID × GRID layout, one per object; a relation puts both objects in one
+    row ("left of", "right of") or one column ("above", "below"), the first on its side."""
+    if spec.relation:
+        line, (near, far) = int(rng.integers(GRID)), sorted(rng.choice(GRID, 2, replace=False))
+        first, second = (near, far) if spec.relation in ("left of", "above") else (far, near)
+        if spec.relation in ("left of", "right of"):
+            return [(first, line), (second, line)]
+        return [(line, first), (line, second)]
+    picks = rng.choice(GRID * GRID, len(spec.objects), replace=False)
+    return [(int(k) % GRID, int(k) // GRID) for k in picks]
 
 
 def _colour_for(shape: str, rng: np.random.Generator, allow_held_out: bool, avoid: set[str] = frozenset()) -> str:
@@ -181,33 +195,19 @@ def _colour_for(shape: str, rng: np.random.Generator, allow_held_out: bool, avoi
 
 
 def layout(spec: Spec, rng: np.random.Generator, size: int = SIZE, allow_held_out: bool = True) -> list[Placed]:
-    """Objects placed for ``spec``: unnamed colours drawn at random, no overlaps, the relation held with room."""
-    for _ in range(1000):
-        placed: list[Placed] = []
-        used: set[str] = set()
-        for i, o in enumerate(spec.objects):
-            colour = o.colour or _colour_for(o.shape, rng, allow_held_out, used)
-            used.add(colour)
-            r = float(rng.uniform(*RADIUS))
-            lo, hi = r + 0.5, size - r - 0.5
-            for _ in range(100):
-                cx, cy = rng.uniform(lo, hi, 2)
-                if i == 1 and spec.relation:
-                    a = placed[0]
-                    horizontal = spec.relation in ("left of", "right of")
-                    along, across = (cx - a.cx, cy - a.cy) if horizontal else (cy - a.cy, cx - a.cx)
-                    ahead = along if spec.relation in ("left of", "above") else -along
-                    # the second object well past the first along the axis, roughly in line across it
-                    if ahead < 4 or abs(across) > 8:
-                        continue
-                if _free(placed, cx, cy, r):
-                    placed.append(Placed(colour, o.shape, float(cx), float(cy), r))
-                    break
-            else:
-                break
-        if len(placed) == len(spec.objects) and (not spec.relation or holds(placed[0], spec.relation, placed[1])):
-            return placed
-    raise RuntimeError(f"could not lay out {spec.caption!r}")
+    """Objects placed for ``spec``, one per cell of a GRID × GRID layout with a random size and a jitter that
+    keeps them GAP pixels apart: unnamed colours drawn at random (distinct), the relation held."""
+    cell = size / GRID
+    placed: list[Placed] = []
+    used: set[str] = set()
+    for o, (col, row) in zip(spec.objects, _cells(spec, rng)):
+        colour = o.colour or _colour_for(o.shape, rng, allow_held_out, used)
+        used.add(colour)
+        r = float(rng.uniform(*RADIUS)) * size / SIZE
+        room = max(0.0, cell / 2 - r - GAP / 2)
+        cx, cy = (np.array([col, row]) + 0.5) * cell + rng.uniform(-room, room, 2)
+        placed.append(Placed(colour, o.shape, float(cx), float(cy), r))
+    return placed
 
 
 def holds(a, relation: str, b) -> bool:

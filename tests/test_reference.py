@@ -135,12 +135,13 @@ def test_damaged_or_foreign_files_are_named_with_the_fix(glance, rm, tmp_path):
 
 
 def _sample(comfy_nodes, ref, caption: str, sigmas, seed: int = 0, n: int = 2) -> torch.Tensor:
-
     from tests_helpers import sample
+
+    from glance_core.reference_model import CFG
 
     latent = torch.zeros(n, 3, 32, 32)
     sig = torch.tensor([float(s) for s in sigmas])
-    return sample(comfy_nodes, ref.model, sig, ref.encode(caption), ref.encode(""), latent, cfg=3.0, seed=seed)
+    return sample(comfy_nodes, ref.model, sig, ref.encode(caption), ref.encode(""), latent, cfg=CFG, seed=seed)
 
 
 def test_teacher_follows_its_captions_and_leaves_room_to_accelerate(comfy_nodes, glance, ref):
