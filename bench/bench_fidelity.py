@@ -33,7 +33,7 @@ CFG = reference_model.CFG
 SEEDS = 4
 HANDFUL = list(scenes.HANDFUL)  # the adapters' training captions
 #: The training recipe of the trajectory rows (what it gives on this teacher: docs/fidelity.md).
-TRAJECTORY = dict(targets="all_linear", rank=8, alpha=8.0, lr=5e-4, batch=16, steps=300, noises=8)
+TRAJECTORY = dict(targets="all_linear", rank=8, alpha=8.0, lr=5e-4, batch=16, steps=300, noises=8, student_mix=0.0)
 OFFICIAL_STEPS = 60
 ARCFLOW_ITERATIONS = 600
 

@@ -102,6 +102,10 @@ def test_workflow_typechecks_and_runs_on_tiny_models(server, object_info, path):
     images = _images(server, entry)
     size = 32 if "reference" in path.stem else 256  # the reference teacher works at 32 x 32
     assert images and images[0].shape == (size, size, 3)
+    if "reference" in path.stem:  # Glance 10 steps, the teacher's 50 and the distilled ArcFlow student's 2, 4 each
+        saved = {k: len(v["images"]) for k, v in entry["outputs"].items() if k in ("25", "28", "57")}
+        assert saved == {"25": 4, "28": 4, "57": 4}, entry["outputs"].keys()
+        assert all(np.ptp(img) > 50 for img in images), "an output is flat: the scene is missing"
 
 
 def _fails_naming(server, api: dict, *needles: str) -> None:
