@@ -1,13 +1,13 @@
 """Train the pack's reference teacher (see ``glance_core.reference_model``) on scenes drawn in code.
 
-    .venv/bin/python -m devtools.train_reference            (≈ 40 min on one CPU thread; writes assets/)
+    .venv/bin/python -m devtools.train_reference            (≈ 45 min on two CPU threads; writes assets/)
 
-Data: ``glance_core.scenes`` — 1–3 coloured shapes on a light background with captions such as "two red circles"
-or "a blue square left of a yellow triangle"; some colour–shape pairs and relations are never drawn (the held-out
-compositions). 10 % of captions are dropped (the empty caption) so the model can be sampled with CFG, which makes
-its trajectories curved. Plain flow matching on the
-velocity ε − x0 at logit-normal, FLUX-shifted sigmas; AdamW with an EMA of the weights, which is what is saved.
-The same seed and steps give the same file.
+Data: ``glance_core.scenes`` — 1–3 coloured shapes on a light background (one per cell of a 2 × 2 layout) with
+captions such as "two red circles" or "a blue square left of a yellow triangle"; some colour–shape pairs and
+relations are never drawn (the held-out compositions). 10 % of captions are dropped (the empty caption) so the model
+can be sampled with CFG, which makes its trajectories curved. Plain flow matching on the velocity ε − x0 at
+logit-normal, FLUX-shifted sigmas; AdamW with an EMA of the weights, which is what is saved.
+The same seed, steps and thread count give the same weights.
 """
 
 from __future__ import annotations
