@@ -226,6 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadiest on a shared CPU)")
     ap.add_argument("--trajectory", default="", help="override the trajectory recipe, e.g. steps=100,batch=8")
     ap.add_argument("--captions", default="1,6,48", help="caption counts of the trajectory group's rows")
+    ap.add_argument("--arcflow-iterations", type=int, default=ARCFLOW_ITERATIONS, help="the distiller's iterations")
     args = ap.parse_args(argv)
     for kv in filter(None, args.trajectory.split(",")):
         k, v = kv.split("=")
@@ -340,7 +341,7 @@ def main(argv: list[str] | None = None) -> dict:
         )  # fmt: skip
     if "arcflow" in groups:
         t = time.perf_counter()
-        af_model, af_losses = b.arcflow(pool(48), 20 if args.quick else ARCFLOW_ITERATIONS)
+        af_model, af_losses = b.arcflow(pool(48), 20 if args.quick else args.arcflow_iterations)
         curves["ArcFlow"] = {"distill": af_losses}
         sampler = comfy.samplers.KSAMPLER(b.arcflow_sampler.sample)
         e2 = next(r["held-out PSNR"] for r in rows if r["row"] == "teacher, Euler on ArcFlow's sigmas (2)")
