@@ -137,9 +137,10 @@ def unpack_tokens(raw: torch.Tensor, k: int, channels: int, h: int, w: int, patc
 
 
 def init_loggamma_bias(k: int) -> torch.Tensor:
-    """Initial λ for components 1..K−1: ln of log-spaced γ in [0.2, 4] (official init)."""
+    """Initial λ for components 1..K−1: ln of log-spaced γ in [0.2, 4] (official init), on the CPU like the other
+    initial heads (the caller moves them to the load device)."""
     if k < 2:
-        return torch.zeros(0)
+        return torch.zeros(0, device="cpu")
     lo, hi = math.log10(0.2), math.log10(4.0)
-    gammas = torch.logspace(lo, hi, k - 1)
+    gammas = torch.logspace(lo, hi, k - 1, device="cpu")
     return torch.log(gammas)

@@ -49,8 +49,8 @@ def initial_heads(model_patcher, k: int, gen: torch.Generator) -> dict[str, torc
     p2, ch = cfg.get("patch_size", 2) ** 2, cfg.get("out_channels", 16)
     hidden = proj.in_features
     w = _dense(proj.weight)
-    b = _dense(proj.bias) if proj.bias is not None else torch.zeros(w.shape[0])
-    noise = 0.05 * torch.randn(k, ch, 1, generator=gen).expand(k, ch, p2).reshape(-1)
+    b = _dense(proj.bias) if proj.bias is not None else torch.zeros(w.shape[0], device="cpu")
+    noise = 0.05 * torch.randn(k, ch, 1, generator=gen, device="cpu").expand(k, ch, p2).reshape(-1)
     # stored in diffusers order, like a released adapter
     nw = arch.to_comfy_norm(_dense(norm.weight))
     nb = arch.to_comfy_norm(_dense(norm.bias) if norm.bias is not None else None)
@@ -58,9 +58,9 @@ def initial_heads(model_patcher, k: int, gen: torch.Generator) -> dict[str, torc
         "norm_out.linear.weight": nw,
         "proj_out_means.weight": w.repeat(k, 1),
         "proj_out_means.bias": b.repeat(k) + noise,
-        "proj_out_logweights.weight": torch.zeros(k * p2, hidden),
-        "proj_out_logweights.bias": torch.zeros(k * p2),
-        "proj_out_loggamma.weight": torch.zeros((k - 1) * p2, hidden),
+        "proj_out_logweights.weight": torch.zeros(k * p2, hidden, device="cpu"),
+        "proj_out_logweights.bias": torch.zeros(k * p2, device="cpu"),
+        "proj_out_loggamma.weight": torch.zeros((k - 1) * p2, hidden, device="cpu"),
         "proj_out_loggamma.bias": arcflow.init_loggamma_bias(k)[:, None].expand(k - 1, p2).reshape(-1).clone(),
     }
     if nb is not None:
@@ -94,7 +94,7 @@ def check_resolution(model_patcher, resolution: int) -> int:
 def draw(gen: torch.Generator, shape: tuple[int, ...], steps: int, intermediates: int) -> tuple[torch.Tensor, list]:
     """One iteration's noise (float32, CPU: the same numbers for a seed on every device, as ComfyUI's noise)
     and the fractions of each step where its intermediate states lie."""
-    noise = torch.randn(shape, generator=gen)
+    noise = torch.randn(shape, generator=gen, device="cpu")
     fractions = [
         [0.05 + 0.95 * float(torch.rand((), generator=gen)) for _ in range(intermediates)] for _ in range(steps)
     ]

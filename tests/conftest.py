@@ -41,6 +41,12 @@ def loras_dir(comfy_nodes, tmp_path):
     folder_paths.filename_list_cache.pop("loras", None)
 
 
+@pytest.fixture(scope="module")
+def object_info(server):
+    """ComfyUI's /object_info of the module's ``server`` fixture (each server test module starts its own)."""
+    return server.object_info()
+
+
 @pytest.fixture(scope="session")
 def tiny():
     from devtools import tiny_models

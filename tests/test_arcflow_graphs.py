@@ -151,27 +151,24 @@ def test_partial_loading_casts_the_heads(comfy_nodes, glance, tiny, loras_dir, a
         opts = arc.model_options["transformer_options"]
         sig = torch.tensor([1.0, 0.7619, 0.0])
         noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(0))
-        out = arc.model.apply_model(
-            noise,
-            sig[:1],
-            c_crossattn=cond[0][0],
-            y=cond[0][1]["pooled_output"],
-            guidance=torch.full((1,), 3.5),
-            transformer_options={**opts, "sample_sigmas": sig},
-        )
+
+        def evaluate() -> torch.Tensor:
+            return arc.model.apply_model(
+                noise,
+                sig[:1],
+                c_crossattn=cond[0][0],
+                y=cond[0][1]["pooled_output"],
+                guidance=torch.full((1,), 3.5),
+                transformer_options={**opts, "sample_sigmas": sig},
+            )
+
+        out = evaluate()
     finally:
         loaded.model_unload()
         mm.unload_all_models()
     mm.load_models_gpu([arc])  # fully loaded, the same call
     try:
-        ref = arc.model.apply_model(
-            noise,
-            sig[:1],
-            c_crossattn=cond[0][0],
-            y=cond[0][1]["pooled_output"],
-            guidance=torch.full((1,), 3.5),
-            transformer_options={**opts, "sample_sigmas": sig},
-        )
+        ref = evaluate()
     finally:
         mm.unload_all_models()
     assert not arc.model.model_lowvram

@@ -32,11 +32,6 @@ def server(comfy_nodes, tmp_path_factory):
     srv.stop()
 
 
-@pytest.fixture(scope="module")
-def object_info(server):
-    return server.object_info()
-
-
 def _api(object_info: dict, **loader_inputs) -> dict:
     from devtools import tiny_models, workflow
 

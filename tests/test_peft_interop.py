@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
-from tests_helpers import sample
+from tests_helpers import sample, train
 
 peft = pytest.importorskip("peft")
 
@@ -24,26 +24,22 @@ def test_trained_expert_loaded_by_peft_matches_the_loader(comfy_nodes, tiny, lor
         model = tiny.build("qwen_image", 0)
     pos, neg = tiny.conditioning("qwen_image", 1), tiny.conditioning("qwen_image", 2)
     rank = 4
-    with torch.inference_mode():
-        n["OneShotTrainer"].execute(
-            model,
-            pos,
-            objective="trajectory",
-            expert="slow",
-            steps=4,
-            rank=rank,
-            alpha=16.0,
-            learning_rate=5e-3,
-            seed=0,
-            target_layers="official",
-            batch=1,
-            resolution=64,
-            negative=neg,
-            cfg=3.0,
-            noises=1,
-            teacher_steps=12,
-            save_name="peft_check",
-        )
+    train(
+        comfy_nodes,
+        model,
+        pos,
+        objective="trajectory",
+        expert="slow",
+        steps=4,
+        rank=rank,
+        alpha=16.0,
+        learning_rate=5e-3,
+        negative=neg,
+        cfg=3.0,
+        noises=1,
+        teacher_steps=12,
+        save_name="peft_check",
+    )
     sd = load_file(str(loras_dir / "peft_check_slow.safetensors"))
     assert all(k.startswith("transformer.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in sd)
     assert max(v.abs().max().item() for k, v in sd.items() if "lora_B" in k) > 0, "training left the LoRA at zero"

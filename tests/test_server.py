@@ -40,11 +40,6 @@ def server(comfy_nodes, tmp_path_factory):
     srv.stop()
 
 
-@pytest.fixture(scope="module")
-def object_info(server):
-    return server.object_info()
-
-
 def _api(name: str, object_info: dict, size: int = 256) -> dict:
     from devtools import tiny_models, workflow
 

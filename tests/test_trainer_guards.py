@@ -20,24 +20,17 @@ def _n(comfy_nodes, name):
     return comfy_nodes.NODE_CLASS_MAPPINGS[name]
 
 
-@pytest.fixture(scope="module")
-def training(glance):
-    return importlib.import_module(glance.__name__ + ".glance_core.training")
+def _core_module(name: str):
+    """A module-scoped fixture giving the pack's ``glance_core.<name>`` (the module ComfyUI loaded)."""
+
+    @pytest.fixture(scope="module", name=name)
+    def fixture(glance):
+        return importlib.import_module(f"{glance.__name__}.glance_core.{name}")
+
+    return fixture
 
 
-@pytest.fixture(scope="module")
-def lora_layer(glance):
-    return importlib.import_module(glance.__name__ + ".glance_core.lora_layer")
-
-
-@pytest.fixture(scope="module")
-def lora_save(glance):
-    return importlib.import_module(glance.__name__ + ".glance_core.lora_save")
-
-
-@pytest.fixture(scope="module")
-def checkpoint(glance):
-    return importlib.import_module(glance.__name__ + ".glance_core.checkpoint")
+training, lora_layer, lora_save, checkpoint = map(_core_module, ("training", "lora_layer", "lora_save", "checkpoint"))
 
 
 @pytest.fixture(scope="module")
