@@ -448,6 +448,7 @@ def _trainer(
                 "noises": 8,
                 "teacher_steps": 50,
                 "student_mix": 0.0,
+                "unroll": False,
                 "captions": "",
                 "save_name": "",
                 "overwrite": False,

@@ -129,6 +129,7 @@ def train(
     noises: int = 8,
     teacher_steps: int = 50,
     student_mix: float = 0.0,
+    unroll: bool = False,
     clip=None,
     captions: str = "",
     save_name: str = "",
@@ -232,6 +233,7 @@ def train(
             trajectories=trajectories,
             weight_decay=arch.weight_decay,
             student_mix=student_mix if objective == "trajectory" else 0.0,
+            unroll=unroll and objective == "trajectory",
             on_step=on_step,
         )
     mm.throw_exception_if_processing_interrupted()

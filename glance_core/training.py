@@ -147,6 +147,7 @@ def train_expert(
     weight_decay: float = 0.0,
     grad_clip: float = 1.0,
     student_mix: float = 0.0,
+    unroll: bool = False,
     on_step: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
     """Train one expert. ``x0`` (VAE latent of the image) for ``official`` — or ``images``, several
@@ -238,6 +239,20 @@ def train_expert(
         v = velocity(model_wrap, extra_args, x, s0)
         finish(torch.nn.functional.mse_loss(v.float(), target.float()), step)
 
+    def unrolled_step(model_wrap, extra_args, data: dict, step: int) -> None:
+        """The expert's whole phase from the teacher's state at its first sigma, Euler step after Euler step with
+        gradients through all of them: each state is matched to the teacher's there (the student is trained on
+        its own states, and the large steps weigh by their size in the image)."""
+        states = data["states"]
+        idx = random_indices(states[job.sigmas[0]].shape[0], batch, gen, states[job.sigmas[0]].device)
+        x = states[job.sigmas[0]].index_select(0, idx)
+        loss = x.new_zeros(())
+        for s0, s1 in zip(job.sigmas, job.next_sigmas):
+            x = x - (s0 - s1) * velocity(model_wrap, extra_args, x, s0).float()
+            loss = loss + torch.nn.functional.mse_loss(x, states[s1].index_select(0, idx).float())
+        drawn.append(job.sigmas[0])
+        finish(loss / len(job.sigmas), step)
+
     def student_pairs(model_wrap, extra_args, data: dict) -> None:
         """Roll the current student from the teacher's state at the expert's first sigma through the expert's
         steps; from each student state, the teacher's fine rollout to the next sigma gives the target."""
@@ -269,7 +284,7 @@ def train_expert(
                     data = caps[k]
                     if student_mix > 0 and step >= steps // 2 and step % refresh == 0:
                         student_pairs(model_wrap, extra_args, data)
-                    trajectory_step(model_wrap, extra_args, data, step)
+                    (unrolled_step if unroll else trajectory_step)(model_wrap, extra_args, data, step)
             if on_step:
                 on_step(step, losses[-1])
 

@@ -178,6 +178,15 @@ class OneShotTrainer(io.ComfyNode):
                     "rollout states (with the teacher's fine rollout from there as target). Fraction 0-1; 0 = teacher "
                     "states only.",
                 ),
+                io.Boolean.Input(
+                    "unroll",
+                    default=False,
+                    optional=True,
+                    tooltip="trajectory: train each expert through its whole phase: its Euler steps chained from the "
+                    "teacher's state at its first sigma, gradients through all of them, every state matched to the "
+                    "teacher's. Trains on the student's own states; each step costs as many model evaluations as the "
+                    "expert has steps.",
+                ),
                 *caption_inputs("trajectory: "),
                 *save_inputs("<save_name>_slow/_fast.safetensors"),
             ],

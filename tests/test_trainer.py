@@ -276,8 +276,10 @@ def test_gradients_through_inplace_blocks_match_finite_differences(comfy_nodes, 
     lora.enabled = False
 
 
-def test_trajectory_objective_shrinks_the_gap_to_50_steps_on_held_out_seeds_and_prompts(comfy_nodes, tiny):
-    """Data-free: trained from 8 captions' teacher rollouts, evaluated on other noises and other captions."""
+@pytest.mark.parametrize("unroll", [False, True], ids=["per-step", "unrolled"])
+def test_trajectory_objective_shrinks_the_gap_to_50_steps_on_held_out_seeds_and_prompts(comfy_nodes, tiny, unroll):
+    """Data-free: trained from 8 captions' teacher rollouts, evaluated on other noises and other captions; per
+    step from the teacher's states, or through each expert's whole phase (``unroll``, a quarter of the steps)."""
     import comfy.samplers
 
     with torch.inference_mode():
@@ -312,13 +314,14 @@ def test_trajectory_objective_shrinks_the_gap_to_50_steps_on_held_out_seeds_and_
         model,
         positive,
         objective="trajectory",
-        steps=200,
+        steps=50 if unroll else 200,
         rank=8,
         alpha=8.0,
         learning_rate=1e-3,
         batch=16,
         noises=8,
         teacher_steps=50,
+        unroll=unroll,
     )
     seen_plain, seen_trained = gap(model, captions[:2], [5000, 5001]), gap(trained, captions[:2], [5000, 5001])
     held_plain, held_trained = gap(model, held_out, [5000]), gap(trained, held_out, [5000])
