@@ -33,7 +33,9 @@ CFG = reference_model.CFG
 SEEDS = 4
 HANDFUL = list(scenes.HANDFUL)  # the adapters' training captions
 #: The training recipe of the trajectory rows (what it gives on this teacher: docs/fidelity.md).
-TRAJECTORY = dict(targets="all_linear", rank=8, alpha=8.0, lr=5e-4, batch=16, steps=300, noises=8, student_mix=0.0)
+TRAJECTORY = dict(
+    targets="all_linear", rank=8, alpha=8.0, lr=5e-4, batch=8, steps=300, noises=16, student_mix=0.0, unroll=True
+)
 OFFICIAL_STEPS = 60
 ARCFLOW_ITERATIONS = 600
 
@@ -230,7 +232,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     for kv in filter(None, args.trajectory.split(",")):
         k, v = kv.split("=")
-        TRAJECTORY[k] = type(TRAJECTORY[k])(v)
+        kind = type(TRAJECTORY[k])
+        TRAJECTORY[k] = v.lower() in ("1", "true", "yes") if kind is bool else kind(v)
     torch.set_num_threads(args.threads)
     comfy_env.import_comfy()
     import comfy.samplers
@@ -323,6 +326,11 @@ def main(argv: list[str] | None = None) -> dict:
             label = "1 caption" if count == 1 else f"{count} captions"
             trained(
                 f"Glance trajectory, {label}", 10, glance[10], "trajectory", gain_goal(10, 6.0), captions=pool(count)
+            )  # fmt: skip
+        if TRAJECTORY["unroll"]:  # the per-step form beside it, at its own recipe (docs/fidelity.md)
+            trained(
+                "Glance trajectory per step (no unroll), 48 captions", 10, glance[10], "trajectory",
+                gain_goal(10, 6.0), captions=pool(48), unroll=False, batch=16, noises=8,
             )  # fmt: skip
     if "steps" in groups:
         for n in (6, 4):

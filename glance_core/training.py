@@ -154,7 +154,8 @@ def train_expert(
     (latent, positive) pairs visited in turn, one per step; ``trajectories``
     (from :func:`teacher_trajectories`) for ``trajectory``; ``student_mix``: in the second half, the share
     of steps trained on the student's own rollout states (refreshed 8 times), with the teacher's fine
-    rollout from each as the target. Returns the saved-format state dict."""
+    rollout from each as the target; ``unroll``: each step runs the expert's whole phase instead (see
+    ``unrolled_step``; ``student_mix`` is then unused). Returns the saved-format state dict."""
     import comfy.model_management as mm
     import comfy.patcher_extension as pe
     import comfy.samplers
@@ -282,7 +283,7 @@ def train_expert(
                     official_step(model_wrap, extra_args, latent_in[k : k + 1], step)
                 else:
                     data = caps[k]
-                    if student_mix > 0 and step >= steps // 2 and step % refresh == 0:
+                    if student_mix > 0 and not unroll and step >= steps // 2 and step % refresh == 0:
                         student_pairs(model_wrap, extra_args, data)
                     (unrolled_step if unroll else trajectory_step)(model_wrap, extra_args, data, step)
             if on_step:

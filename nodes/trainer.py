@@ -176,7 +176,7 @@ class OneShotTrainer(io.ComfyNode):
                     optional=True,
                     tooltip="trajectory: in the second half of training, the share of steps on the student's own "
                     "rollout states (with the teacher's fine rollout from there as target). Fraction 0-1; 0 = teacher "
-                    "states only.",
+                    "states only; unused with unroll.",
                 ),
                 io.Boolean.Input(
                     "unroll",
