@@ -390,6 +390,40 @@ def test_student_rollout_mixing(comfy_nodes, glance, tiny):
     assert "student_pairs" in traj["captions"][0]
 
 
+def test_unrolled_loss_is_the_euler_chain_against_the_teacher_states(comfy_nodes, glance, tiny):
+    """``unroll``: the first loss (LoRA still zero, so the student is the base model) is the mean over the expert's
+    steps of the squared distance between the plain Euler chain from the teacher's state at its first sigma and the
+    teacher's states — computed here independently through ComfyUI's guider, one Euler step at a time."""
+    import importlib
+
+    import comfy.samplers
+
+    training = importlib.import_module(glance.__name__ + ".glance_core.training")
+    rollouts = importlib.import_module(glance.__name__ + ".glance_core.rollouts")
+    with torch.inference_mode():
+        model = tiny.build("flux", 0)
+    pos = training.clone_conditioning(tiny.conditioning("flux", 1))
+    grid = rollouts.fine_grid(model.get_model_object("model_sampling").percent_to_sigma, 50, FLUX)
+    traj = rollouts.teacher_trajectories(model, [(pos, None)], 1.0, 1, 0, (1, 16, 4, 4), grid, FLUX)
+    states = traj["captions"][0]["states"]
+    job = training.ExpertJob("fast", FLUX[5:10], FLUX[6:11])
+    res = training.train_expert(
+        model, job, objective="trajectory", positive=pos, rank=4, alpha=4.0, lr=1e-3, steps=3, seed=0,
+        targets="official", batch=1, trajectories=traj, unroll=True,
+    )  # fmt: skip
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(pos, [])
+    guider.set_cfg(1.0)
+    x, expected = states[FLUX[5]], 0.0
+    with torch.inference_mode(False), torch.no_grad():
+        for s0, s1 in zip(job.sigmas, job.next_sigmas):
+            x = rollouts.euler(guider, x, [s0, s1], 0)
+            expected += float(torch.nn.functional.mse_loss(x, states[s1])) / len(job.sigmas)
+    assert expected > 0 and res.losses[0] == pytest.approx(expected, rel=1e-3)
+    assert res.drawn_sigmas == [FLUX[5]] * 3  # every step starts at the expert's first sigma
+    assert res.losses[-1] < res.losses[0]
+
+
 def test_official_flux_training_uses_guidance_one(comfy_nodes, tiny, flux, photo):
     """The released FLUX recipe feeds guidance 1.0 while training, whatever the caption's FluxGuidance says."""
     import comfy.patcher_extension as pe
