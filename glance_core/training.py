@@ -244,15 +244,18 @@ def train_expert(
         """The expert's whole phase from the teacher's state at its first sigma, Euler step after Euler step with
         gradients through all of them: each state is matched to the teacher's there (the student is trained on
         its own states, and the large steps weigh by their size in the image)."""
-        states = data["states"]
-        idx = random_indices(states[job.sigmas[0]].shape[0], batch, gen, states[job.sigmas[0]].device)
-        x = states[job.sigmas[0]].index_select(0, idx)
-        loss = x.new_zeros(())
-        for s0, s1 in zip(job.sigmas, job.next_sigmas):
-            x = x - (s0 - s1) * velocity(model_wrap, extra_args, x, s0).float()
-            loss = loss + torch.nn.functional.mse_loss(x, states[s1].index_select(0, idx).float())
-        drawn.append(job.sigmas[0])
-        finish(loss / len(job.sigmas), step)
+        states, phase = data["states"], [*job.sigmas, job.next_sigmas[-1]]
+        start = states[phase[0]]
+        idx = random_indices(start.shape[0], batch, gen, start.device)
+        terms: list[torch.Tensor] = []
+
+        def match(i: int, x: torch.Tensor) -> None:
+            if i:
+                terms.append(torch.nn.functional.mse_loss(x.float(), states[phase[i]].index_select(0, idx).float()))
+
+        euler_steps(model_wrap, start.index_select(0, idx), phase, extra_args, on_state=match)
+        drawn.append(phase[0])
+        finish(sum(terms) / len(job.sigmas), step)
 
     def student_pairs(model_wrap, extra_args, data: dict) -> None:
         """Roll the current student from the teacher's state at the expert's first sigma through the expert's

@@ -346,21 +346,27 @@ def test_trains_a_bf16_model(comfy_nodes, glance, tiny, photo):
     assert np.mean(res.losses[-10:]) < np.mean(res.losses[:10])
 
 
-def test_student_rollout_mixing(comfy_nodes, glance, tiny):
-    """The Euler helper behind the student-rollout option reproduces the teacher's own rollout, and mixing
-    student states in trains a different, finite LoRA."""
+def _tiny_rollouts(glance, tiny, noises: int):
+    """The pack's training and rollouts modules, a tiny FLUX, one caption and the teacher's trajectories over the
+    fine grid (cfg 1) from ``noises`` noises: (training, rollouts, model, positive, grid, trajectories)."""
     import importlib
-
-    import comfy.samplers
 
     training = importlib.import_module(glance.__name__ + ".glance_core.training")
     rollouts = importlib.import_module(glance.__name__ + ".glance_core.rollouts")
     with torch.inference_mode():
         model = tiny.build("flux", 0)
     pos = training.clone_conditioning(tiny.conditioning("flux", 1))
-    ms = model.get_model_object("model_sampling")
-    grid = rollouts.fine_grid(ms.percent_to_sigma, 50, FLUX)
-    traj = rollouts.teacher_trajectories(model, [(pos, None)], 1.0, 4, 0, (1, 16, 4, 4), grid, FLUX)
+    grid = rollouts.fine_grid(model.get_model_object("model_sampling").percent_to_sigma, 50, FLUX)
+    traj = rollouts.teacher_trajectories(model, [(pos, None)], 1.0, noises, 0, (1, 16, 4, 4), grid, FLUX)
+    return training, rollouts, model, pos, grid, traj
+
+
+def test_student_rollout_mixing(comfy_nodes, glance, tiny):
+    """The Euler helper behind the student-rollout option reproduces the teacher's own rollout, and mixing
+    student states in trains a different, finite LoRA."""
+    import comfy.samplers
+
+    training, rollouts, model, pos, grid, traj = _tiny_rollouts(glance, tiny, 4)
     states = traj["captions"][0]["states"]
     guider = comfy.samplers.CFGGuider(model)
     guider.set_conds(pos, [])
@@ -394,17 +400,9 @@ def test_unrolled_loss_is_the_euler_chain_against_the_teacher_states(comfy_nodes
     """``unroll``: the first loss (LoRA still zero, so the student is the base model) is the mean over the expert's
     steps of the squared distance between the plain Euler chain from the teacher's state at its first sigma and the
     teacher's states — computed here independently through ComfyUI's guider, one Euler step at a time."""
-    import importlib
-
     import comfy.samplers
 
-    training = importlib.import_module(glance.__name__ + ".glance_core.training")
-    rollouts = importlib.import_module(glance.__name__ + ".glance_core.rollouts")
-    with torch.inference_mode():
-        model = tiny.build("flux", 0)
-    pos = training.clone_conditioning(tiny.conditioning("flux", 1))
-    grid = rollouts.fine_grid(model.get_model_object("model_sampling").percent_to_sigma, 50, FLUX)
-    traj = rollouts.teacher_trajectories(model, [(pos, None)], 1.0, 1, 0, (1, 16, 4, 4), grid, FLUX)
+    training, rollouts, model, pos, _, traj = _tiny_rollouts(glance, tiny, 1)
     states = traj["captions"][0]["states"]
     job = training.ExpertJob("fast", FLUX[5:10], FLUX[6:11])
     res = training.train_expert(
