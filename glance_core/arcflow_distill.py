@@ -96,7 +96,8 @@ def draw(gen: torch.Generator, shape: tuple[int, ...], steps: int, intermediates
     and the fractions of each step where its intermediate states lie."""
     noise = torch.randn(shape, generator=gen, device="cpu")
     fractions = [
-        [0.05 + 0.95 * float(torch.rand((), generator=gen)) for _ in range(intermediates)] for _ in range(steps)
+        [0.05 + 0.95 * float(torch.rand((), generator=gen, device="cpu")) for _ in range(intermediates)]
+        for _ in range(steps)
     ]
     return noise, fractions
 
@@ -188,7 +189,7 @@ def distill(
     )
     sched = arcflow.schedule(steps, shift)
     guider = comfy.samplers.CFGGuider(student)
-    dummy = torch.tensor([1.0, 0.0])
+    dummy = torch.tensor([1.0, 0.0], device="cpu")
     losses: list[float] = []
 
     def call(x: torch.Tensor, sigma: float, teacher: bool, fn: Callable, cond) -> None:

@@ -214,8 +214,8 @@ def build_expert(
         module = base_model.get_submodule(module_name)
         out_features = module.out_features
         low: list[tuple[int, torch.Tensor, torch.Tensor, float]] = []  # (row offset, down, up, scale)
-        dense = torch.zeros(0)
-        bias = torch.zeros(0)
+        dense = torch.zeros(0, device="cpu")  # staged on the CPU, like the patched weights below
+        bias = torch.zeros(0, device="cpu")
         for param, weight_key, offset, function, patch, lowrank in items:
             if lowrank is not None:
                 row, down, up, scale = lowrank
@@ -401,7 +401,7 @@ def compute_element_size(model_patcher) -> int:
     dtype = getattr(model, "manual_cast_dtype", None) or model.get_dtype()
     if not dtype.is_floating_point or dtype.itemsize < 2:
         dtype = torch.float32
-    return torch.empty(0, dtype=dtype).element_size()
+    return torch.empty(0, dtype=dtype, device="cpu").element_size()
 
 
 def phase_loras(model_patcher) -> list[PhaseLoRA]:

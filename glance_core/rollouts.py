@@ -53,7 +53,7 @@ def euler(guider, x: torch.Tensor, sigmas: list[float], seed: int) -> torch.Tens
         x / s0,
         torch.zeros_like(x),
         _ksampler(out=out),
-        torch.tensor(sigmas, dtype=torch.float32),
+        torch.tensor(sigmas, dtype=torch.float32, device="cpu"),
         disable_pbar=True,
         seed=seed,
     )
@@ -106,9 +106,10 @@ def teacher_trajectories(
         guider.set_conds(pos, neg if neg is not None and cfg != 1.0 else [])
         guider.set_cfg(cfg)
         g = torch.Generator().manual_seed(seed + 7919 * c)
-        noise = torch.randn((noises, *latent_shape[1:]), generator=g)
+        # Noise and sigmas on the CPU, as ComfyUI's KSampler passes them: the guider moves them to the load device.
+        noise = torch.randn((noises, *latent_shape[1:]), generator=g, device="cpu")
         latent = torch.zeros_like(noise)
-        sig = torch.tensor(grid, dtype=torch.float32)
+        sig = torch.tensor(grid, dtype=torch.float32, device="cpu")
         guider.sample(noise, latent, _ksampler(seen), sig, disable_pbar=True, seed=seed)
         missing = {float(k) for k in keep} - set(record)
         if missing:
