@@ -216,6 +216,8 @@ def sheet(rows: list[tuple[str, np.ndarray]], path: Path, n: int = 12, scale: in
 
 
 ROW_GROUPS = ("teacher", "official", "trajectory", "steps", "single", "arcflow")
+#: Rough minutes per group on one thread of the 2-core CPU (for splitting the groups over --jobs processes).
+GROUP_MINUTES = {"teacher": 2, "official": 3, "trajectory": 55, "steps": 25, "single": 17, "arcflow": 14}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -229,7 +231,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--trajectory", default="", help="override the trajectory recipe, e.g. steps=100,batch=8")
     ap.add_argument("--captions", default="1,6,48", help="caption counts of the trajectory group's rows")
     ap.add_argument("--arcflow-iterations", type=int, default=ARCFLOW_ITERATIONS, help="the distiller's iterations")
+    ap.add_argument(
+        "--jobs", type=int, default=1, help="run the row groups in this many processes side by side, then merge"
+    )
     args = ap.parse_args(argv)
+    if args.jobs > 1:
+        return _run_jobs(args)
     for kv in filter(None, args.trajectory.split(",")):
         k, v = kv.split("=")
         kind = type(TRAJECTORY[k])
@@ -253,6 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
     seen = HANDFUL[:2] if args.quick else HANDFUL
     evals = [("held-out", held_out), ("seen", seen)]
     rows: list[dict] = []
+    group = "teacher"  # the group the rows being made belong to (merging --jobs parts keeps the groups' order)
     images: dict[str, np.ndarray] = {}
     curves: dict[str, dict] = {}
 
@@ -262,7 +270,9 @@ def main(argv: list[str] | None = None) -> dict:
         teacher_score[split] = scenes.score(teacher[split], [c for c in caps for _ in range(b.seeds)])["overall"]
 
     def row(name: str, n_eval: int, model, sigmas, train_s: float = 0.0, sampler=None, cfg=CFG, goal=None):
-        res: dict = {"row": name, "evaluations": n_eval * (2 if cfg != 1.0 else 1), "train_s": round(train_s, 1)}
+        res: dict = {
+            "row": name, "group": group, "evaluations": n_eval * (2 if cfg != 1.0 else 1), "train_s": round(train_s, 1)
+        }  # fmt: skip
         for split, caps in evals:
             if sigmas is None:  # the teacher's 50 steps: sampled above
                 out, el = teacher[split], t50[split]
@@ -317,11 +327,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     one_image = b.images([HANDFUL[0]], seed=1)
     if "official" in groups:
+        group = "official"
         trained("Glance official, 1 image", 10, glance[10], "official", images=one_image)
         for n in (10, 100):
             imgs = b.images(pool(n), seed=2)
             trained(f"Glance official, {n} images", 10, glance[10], "official", images=imgs, steps=max(60, 2 * n))
     if "trajectory" in groups:
+        group = "trajectory"
         for count in map(int, args.captions.split(",")):
             label = "1 caption" if count == 1 else f"{count} captions"
             trained(
@@ -333,6 +345,7 @@ def main(argv: list[str] | None = None) -> dict:
                 gain_goal(10, 6.0), captions=pool(48), unroll=False, batch=16, noises=8,
             )  # fmt: skip
     if "steps" in groups:
+        group = "steps"
         for n in (6, 4):
             trained(f"Glance official, 1 image, {n} steps", n, glance[n], "official", images=one_image)
             trained(
@@ -340,6 +353,7 @@ def main(argv: list[str] | None = None) -> dict:
                 at_least(10) if n == 4 else None, captions=HANDFUL,
             )  # fmt: skip
     if "single" in groups:
+        group = "single"
         trained(
             "one LoRA on all 10 steps, official, 1 image", 10, glance[10], "official", images=one_image, single=True
         )
@@ -348,6 +362,7 @@ def main(argv: list[str] | None = None) -> dict:
             captions=HANDFUL, single=True,
         )  # fmt: skip
     if "arcflow" in groups:
+        group = "arcflow"
         t = time.perf_counter()
         af_model, af_losses = b.arcflow(pool(48), 20 if args.quick else args.arcflow_iterations)
         curves["ArcFlow"] = {"distill": af_losses}
@@ -369,7 +384,48 @@ def main(argv: list[str] | None = None) -> dict:
             captions=pool(48), single=True,
         )  # fmt: skip
 
-    report(rows, args.out, images, curves, b, teacher_score)
+    report(rows, args.out, images, curves, {**b.ref.info, "seeds": b.seeds}, teacher_score)
+    return {"rows": rows}
+
+
+def _run_jobs(args) -> dict:
+    """The requested groups split over ``args.jobs`` processes (one thread each, longest groups first onto the least
+    loaded), run side by side, their reports merged into one in ``args.out`` (rows in the groups' order)."""
+    import subprocess
+    import sys
+
+    wanted = [g for g in ROW_GROUPS if g in args.rows.split(",") and g != "teacher"]
+    parts: list[list[str]] = [[] for _ in range(min(args.jobs, max(1, len(wanted))))]
+    for g in sorted(wanted, key=lambda g: -GROUP_MINUTES[g]):
+        min(parts, key=lambda p: sum(GROUP_MINUTES[x] for x in p)).append(g)
+    common = ["--seeds", str(args.seeds), "--threads", str(args.threads), "--captions", args.captions]
+    common += ["--arcflow-iterations", str(args.arcflow_iterations), "--trajectory", args.trajectory]
+    common += ["--model", str(args.model)] if args.model else []
+    common += ["--quick"] if args.quick else []
+    procs = []
+    for i, part in enumerate(parts):
+        out = args.out / f"part{i}"
+        out.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "bench.bench_fidelity", *common, "--rows", ",".join(["teacher", *part])]
+        print(f"part {i}: {', '.join(part) or 'teacher'} (log: {out / 'log.txt'})", flush=True)
+        with open(out / "log.txt", "w") as log:
+            procs.append(subprocess.Popen([*cmd, "--out", str(out)], stdout=log, stderr=subprocess.STDOUT))
+    failed = [i for i, p in enumerate(procs) if p.wait() != 0]
+    if failed:
+        raise SystemExit(f"bench_fidelity: part(s) {failed} failed; see {args.out}/part<N>/log.txt")
+    rows, images, curves = [], {}, {}
+    for i in range(len(parts)):
+        out = args.out / f"part{i}"
+        data = json.loads((out / "report.json").read_text())
+        with np.load(out / "images.npz") as z:
+            images |= {k: z[k] for k in z.files}
+        rows += [r for r in data["rows"] if i == 0 or r["group"] != "teacher"]
+        curves |= data["curves"]
+        teacher_score, info = data["teacher_score"], data["info"]
+    order = {name: k for k, name in enumerate(r["row"] for r in rows)}
+    rows.sort(key=lambda r: (ROW_GROUPS.index(r["group"]), order[r["row"]]))
+    images = {r["row"]: images[r["row"]] for r in rows if r["row"] in images}
+    report(rows, args.out, images, curves, info, teacher_score)
     return {"rows": rows}
 
 
@@ -389,7 +445,7 @@ COLS = [
 ]
 
 
-def report(rows, out: Path, images, curves, b: Bench, teacher_score: dict) -> None:
+def report(rows, out: Path, images, curves, info: dict, teacher_score: dict) -> None:
     lines = ["| " + " | ".join(COLS) + " |", "|" + "---|" * len(COLS)]
     for r in rows:
         cells = []
@@ -405,15 +461,17 @@ def report(rows, out: Path, images, curves, b: Bench, teacher_score: dict) -> No
             )
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)
-    info = b.ref.info
     head = (
         f"Reference teacher: {info.get('trained_by', '?')}, {info.get('steps', '?')} steps. CFG {CFG}; "
-        f"{len(scenes.held_out_captions())} held-out captions and {len(HANDFUL)} seen captions × {b.seeds} noises. "
+        f"{len(scenes.held_out_captions())} held-out captions and {len(HANDFUL)} seen captions × {info['seeds']} "
+        "noises. "
         f"Teacher 50-step score: held-out {teacher_score['held-out']:.3f}, seen {teacher_score['seen']:.3f}. "
         f"Trajectory recipe: {TRAJECTORY}.\n\n"
     )
     (out / "report.md").write_text(head + table + "\n")
-    (out / "report.json").write_text(json.dumps({"rows": rows, "curves": curves}, indent=1))
+    data = {"rows": rows, "curves": curves, "teacher_score": teacher_score, "info": info}
+    (out / "report.json").write_text(json.dumps(data, indent=1))
+    np.savez_compressed(out / "images.npz", **images)  # for merging --jobs parts
     sheet([(k, v) for k, v in images.items()], out / "sheet.png")
     if "ArcFlow" in curves:
         _curve(curves["ArcFlow"]["distill"], out / "arcflow_curve.png")
