@@ -1,10 +1,11 @@
 """Train the pack's reference teacher (see ``glance_core.reference_model``) on scenes drawn in code.
 
-    .venv/bin/python -m devtools.train_reference            (≈ 45 min on two CPU threads; writes assets/)
+    .venv/bin/python -m devtools.train_reference            (≈ 53 min on two CPU threads; writes assets/)
 
 Data: ``glance_core.scenes`` — 1–3 coloured shapes on a light background (one per cell of a 2 × 2 layout) with
-captions such as "two red circles" or "a blue square left of a yellow triangle"; some colour–shape pairs and
-relations are never drawn (the held-out compositions). 10 % of captions are dropped (the empty caption) so the model
+captions such as "two red circles" or "a blue square left of a yellow triangle", the two-object kinds drawn more
+often (``scenes.CATEGORY_WEIGHTS``); some colour–shape pairs and relations are never drawn (the held-out
+compositions). 10 % of captions are dropped (the empty caption) so the model
 can be sampled with CFG, which makes its trajectories curved. Plain flow matching on the velocity ε − x0 at
 logit-normal, FLUX-shifted sigmas; AdamW with an EMA of the weights, which is what is saved.
 The same seed, steps and thread count give the same weights.
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=rm.ASSETS / rm.REFERENCE_NAME)
-    ap.add_argument("--steps", type=int, default=12000)
+    ap.add_argument("--steps", type=int, default=10000)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lr", type=float, default=1.5e-3)

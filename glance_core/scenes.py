@@ -45,6 +45,9 @@ PLURAL = {s: s + "s" for s in SHAPES}
 NUMBERS = {"two": 2, "three": 3}
 RELATIONS = ("left of", "right of", "above", "below")
 CATEGORIES = ("single object", "colour", "two objects", "counting", "colour attribution", "position")
+#: How often training draws each category (relative): the two-object kinds, where a small model has to bind words to
+#: objects, more often than single objects.
+CATEGORY_WEIGHTS = (1.0, 1.0, 1.5, 1.0, 1.5, 2.0)
 #: Colour–shape pairs never drawn in training (not even in scenes whose caption names no colour).
 HELD_OUT_PAIRS = frozenset({("green", "triangle"), ("yellow", "circle"), ("purple", "square")})
 #: (first shape, relation, second shape) never captioned in training (any colours).
@@ -67,8 +70,9 @@ MAX_WORDS = 8
 #: Objects sit in the cells of a GRID × GRID layout (a 16-pixel cell is 4 × 4 of the teacher's patches): a small
 #: model learns counts and relations in a few thousand steps when objects never touch.
 GRID = 2
-#: Radius (half the side of a square, half the base of a triangle) in pixels at SIZE.
-RADIUS = (4.0, 5.5)
+#: Radius (half the side of a square, half the base of a triangle) in pixels at SIZE: up to the largest that keeps
+#: GAP to the neighbouring cell, so a shape spans 3 × 3 of the teacher's 4-pixel patches and a circle reads as round.
+RADIUS = (5.0, 6.5)
 GAP = 3.0  # pixels: the least space between two objects (and between an object and the edge, halved)
 MIN_AREA = 6  # pixels: smaller components are specks, not objects
 MARGIN = 2.0  # pixels: how far apart two centres must be for "left of" / "above" to hold
@@ -231,7 +235,8 @@ def _pairs(held_out: bool) -> list[tuple[str, str]]:
 def random_spec(rng: np.random.Generator) -> Spec:
     """A training caption: any category, no held-out colour–shape pair, no held-out relation."""
     pairs = _pairs(False)
-    category = CATEGORIES[int(rng.integers(len(CATEGORIES)))]
+    p = np.array(CATEGORY_WEIGHTS) / sum(CATEGORY_WEIGHTS)
+    category = CATEGORIES[int(rng.choice(len(CATEGORIES), p=p))]
 
     def pair() -> Obj:
         return Obj(*pairs[int(rng.integers(len(pairs)))])
