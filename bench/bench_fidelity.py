@@ -1,6 +1,7 @@
 """Fidelity and prompt-following of Glance and ArcFlow on the pack's reference teacher, against its 50-step output.
 
     .venv/bin/python -m bench.bench_fidelity [--rows teacher,trajectory,...] [--quick]   (one thread; long: see README)
+    .venv/bin/python -m bench.bench_fidelity --jobs 2      (the row groups in two processes side by side, one report)
 
 Same noises for every row (per caption, seeded from the caption). Held-out conditions: the 18 captions of
 ``glance_core.scenes.held_out_captions`` (compositions the teacher never drew, captions no adapter saw) × seeds.
