@@ -164,9 +164,9 @@ def test_teacher_follows_its_captions_and_leaves_room_to_accelerate(comfy_nodes,
     fast = torch.cat([_sample(comfy_nodes, ref, c, glance10, n=4) for c in captions])
     mse = float(((teacher - fast) / 2).square().mean())
     psnr = 10 * np.log10(1 / mse)
-    # the shipped teacher: 30.7 dB on these four captions (a 3 % mean pixel error; the fidelity bench's trained
+    # the shipped teacher at its CFG 7: 27.9 dB on these four captions (30.7 at CFG 5; the fidelity bench's trained
     # experts gain on top of that); near-identical outputs would leave nothing to measure
-    assert psnr < 32, f"10-step Euler is at {psnr:.1f} dB of the 50-step output: no room to accelerate"
+    assert psnr < 29, f"10-step Euler is at {psnr:.1f} dB of the 50-step output: no room to accelerate"
 
 
 def test_training_script_is_reproducible_from_its_seed(comfy_nodes, tmp_path):
