@@ -46,7 +46,8 @@ class ReferenceLoader(io.ComfyNode):
                 "Loads the pack's reference teacher: a small FLUX (ComfyUI's own Flux architecture, 2.6 M parameters) "
                 "trained by the project on scenes of coloured shapes drawn in code, working directly in pixel space "
                 "(32×32 RGB; the VAE output is ComfyUI's pixel-space VAE). Use it to try Glance, the One-Shot Trainer "
-                "and ArcFlow without downloading FLUX. Sample it with CFG 7 and EmptyChromaRadianceLatentImage (32×32)."
+                f"and ArcFlow without downloading FLUX. Sample it with CFG {reference_model.CFG:g} and "
+                "EmptyChromaRadianceLatentImage (32×32)."
             ),
             inputs=[
                 io.Combo.Input(
