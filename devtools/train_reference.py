@@ -8,7 +8,9 @@ often (``scenes.CATEGORY_WEIGHTS``); some colour–shape pairs and relations are
 compositions). 10 % of captions are dropped (the empty caption) so the model
 can be sampled with CFG, which makes its trajectories curved. Plain flow matching on the velocity ε − x0 at
 logit-normal, FLUX-shifted sigmas; AdamW with an EMA of the weights, which is what is saved.
-The same seed, steps and thread count give the same weights.
+The same seed, steps and thread count give the same weights. ``--tokens phrases`` trains a teacher that takes each
+phrase of a caption ("a red circle" | "left of" | "a blue square") as one context token, the sum of its words'
+vectors, instead of one token per word (the shipped file); the loader reads which from the file.
 """
 
 from __future__ import annotations
@@ -73,13 +75,17 @@ def _trainable_options(config: dict) -> dict:
     return {"patches_replace": {"dit": blocks}}
 
 
-def _step(dm, options: dict, emb, pos, vocab: list[str], length: int, batch: int, rng, g) -> torch.Tensor:
+def _step(
+    dm, options: dict, emb, pos, vocab: list[str], length: int, starts: list[str] | None, batch: int, rng, g
+) -> torch.Tensor:
     """One batch of plain flow matching on the velocity ε − x0."""
     from glance_core import reference_model as rm
 
     x0, caps = sample_batch(batch, rng)
-    ids = torch.tensor([rm.padded(vocab, c, length) for c in caps])
-    ctx = emb[ids] + pos
+    if starts is None:  # one token per word (as the shipped file was trained: same ops, same weights)
+        ctx = emb[torch.tensor([rm.padded(vocab, c, length) for c in caps])] + pos
+    else:
+        ctx = torch.stack([rm.context(emb, rm.groups(vocab, c, length, starts)) for c in caps]) + pos
     s = sigmas(batch, g)
     eps = torch.randn(x0.shape, generator=g)
     xt = (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * eps
@@ -97,6 +103,7 @@ def train(
     threads: int | None = None,
     config: dict | None = None,
     snapshot_every: int = 0,
+    phrases: bool = False,
 ) -> dict:
     comfy_env.import_comfy()
     from safetensors.torch import save_file
@@ -110,7 +117,9 @@ def train(
     g = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     config = dict(config or rm.CONFIG)
-    vocab, length = scenes.VOCAB, scenes.MAX_WORDS
+    vocab = scenes.VOCAB
+    starts = list(scenes.PHRASE_STARTS) if phrases else None
+    length = scenes.MAX_PHRASES if phrases else scenes.MAX_WORDS
     patcher = rm.build_model(config, initial_weights(config, seed), device="cpu")
     dm = patcher.model.diffusion_model
     dm.train()
@@ -136,6 +145,7 @@ def train(
             "'a red circle and a blue square', 'a red circle left of a blue square'; '' (10 %) for CFG",
             "example_caption": "a red circle left of a blue square",
             "context_tokens": length,
+            **({"phrase_starts": starts} if starts else {}),
             "steps": done,
             "batch": batch,
             "seed": seed,
@@ -158,7 +168,7 @@ def train(
 
     with training_mode():  # ComfyUI's switch to autograd-capable kernels (FLUX's RoPE) on releases that have it
         for step in range(steps):
-            loss = _step(dm, options, emb, pos, vocab, length, batch, rng, g)
+            loss = _step(dm, options, emb, pos, vocab, length, starts, batch, rng, g)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([*params, emb, pos], 1.0)
@@ -195,9 +205,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr", type=float, default=1.5e-3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--snapshot-every", type=int, default=0, help="also write the EMA weights every N steps")
+    ap.add_argument(
+        "--tokens",
+        choices=("words", "phrases"),
+        default="words",
+        help="one context token per word (the shipped file) or per phrase (an object's words summed: see README)",
+    )
     args = ap.parse_args(argv)
     train(
-        args.out, args.steps, args.batch, args.seed, args.lr, threads=args.threads, snapshot_every=args.snapshot_every
+        args.out,
+        args.steps,
+        args.batch,
+        args.seed,
+        args.lr,
+        threads=args.threads,
+        snapshot_every=args.snapshot_every,
+        phrases=args.tokens == "phrases",
     )
 
 

@@ -91,6 +91,14 @@ class ArcFlowPolicy:
     def detach(self) -> ArcFlowPolicy:
         return ArcFlowPolicy(self.means.detach(), self.logits.detach(), self.loggammas.detach())
 
+    def without(self, dropped: torch.Tensor) -> ArcFlowPolicy:
+        """The policy with the components where ``dropped`` ([B, K] bool) is set removed (their gates −inf); a
+        sample that would lose every component keeps them all."""
+        dropped = dropped & ~dropped.all(dim=1, keepdim=True)
+        shape = (*dropped.shape, *([1] * (self.logits.ndim - 2)))
+        logits = self.logits.masked_fill(dropped.view(shape).to(self.logits.device), float("-inf"))
+        return ArcFlowPolicy(self.means, logits, self.loggammas)
+
 
 def schedule(steps: int, shift: float = 3.2) -> list[float]:
     """The official ArcFlow sigmas: raw time τ = 1 − i/steps warped by σ = sτ / (1 + (s−1)τ); ends in 0.

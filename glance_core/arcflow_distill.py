@@ -9,9 +9,10 @@ velocity. The next step starts from the detached student rollout.
 
 Where it differs from the official training (say so when comparing): the student's prediction is its
 *instantaneous* velocity u(σ_c) = Σ π m γ^(σ_a−σ_c), where the official loss uses the policy's mean velocity
-over a short window ending at σ_c; there is no component ("GM") dropout on the detached rollout policy; the
-loss is the plain MSE (no ×30 rescale or segment weighting); 2 intermediate states per step (official 4); no
-warm-up, EMA or 8-bit optimiser.
+over a short window ending at σ_c; component ("GM") dropout on the detached rollout policy is off by default
+(``gm_dropout``; official 0.1); the loss is the plain MSE (no ×30 rescale or segment weighting); 2 intermediate
+states per step (official 4); no warm-up or 8-bit optimiser. As the official training does, the weights
+exported are a power-function EMA (γ = 7) of the run's.
 
 One patched model plays both parts: in teacher mode the heads, the new norm and the LoRA are
 bypassed, so no second copy of the weights is needed. Every model call goes through ComfyUI's own
@@ -140,6 +141,15 @@ def iteration(
     return losses
 
 
+def ema_update(ema: list[torch.Tensor], params: list[torch.Tensor], t: int, gamma: float) -> None:
+    """Update ``t`` (1-based) of the power-function EMA (Karras et al.), β = (1 − 1/t)^(γ+1): the average weighs
+    the t-th weights ∝ t^γ, so it follows the run and forgets its start (γ = 0 is the plain running mean)."""
+    beta = (1.0 - 1.0 / t) ** (gamma + 1.0)
+    with torch.no_grad():
+        for e, p in zip(ema, params):
+            e.lerp_(p.detach(), 1.0 - beta)
+
+
 @checkpoint.outside_inference_mode(grad=None)
 @checkpoint.training_mode()
 def distill(
@@ -158,6 +168,8 @@ def distill(
     latent_shape: tuple[int, ...],
     intermediates: int = 2,
     targets: str = "arcflow",
+    ema_gamma: float | None = 7.0,
+    gm_dropout: float = 0.0,
     on_step: Callable[[int, float], None] | None = None,
 ) -> DistillResult:
     """Distil (see module doc). ``captions``: (positive, negative) conditionings, cloned outside inference mode."""
@@ -225,9 +237,12 @@ def distill(
         with torch.enable_grad() if grad else torch.no_grad():
             call(x, sigma, False, lambda den: out.setdefault("p", state.policy(x)), cond)
         state.raw = None
+        if not grad and gm_dropout > 0:  # the rollout's policy loses whole components (official "GM dropout")
+            return out["p"].without(torch.rand((x.shape[0], k), generator=gen, device="cpu") < gm_dropout)
         return out["p"]
 
     shape = (batch, *latent_shape[1:])
+    ema = [p.detach().clone() for p in params] if ema_gamma is not None else []  # None: the last weights
     try:
         for it in range(iterations):
             mm.throw_exception_if_processing_interrupted()
@@ -252,6 +267,8 @@ def distill(
             torch.nn.utils.clip_grad_norm_(params, 50.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if ema:
+                ema_update(ema, params, it + 1, ema_gamma)
             losses.append(sum(values) / steps)
             if on_step:
                 on_step(it, losses[-1])
@@ -260,6 +277,9 @@ def distill(
         for p in params:
             p.requires_grad_(False)
         opt.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for e, p in zip(ema, params):  # the averaged weights are what is exported and sampled
+            p.copy_(e)
     adapter = {key[len("transformer.") :]: v for key, v in lora.state_dict().items()}
     adapter.update(arcflow_model.export_heads(student))
     return DistillResult(adapter, losses, student)

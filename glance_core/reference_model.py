@@ -7,8 +7,10 @@ Every Glance / ArcFlow code path runs on it unchanged, because it *is* a ComfyUI
 - the latent is the image itself (3 channels in [-1, 1]: ComfyUI's ``pixel_space`` VAE and the
   ChromaRadiance latent format), so no VAE weights are needed;
 - the text encoder is a tiny learnt word embedding stored in the same file: a caption is a few words from
-  the file's vocabulary (e.g. ``"a red circle left of a blue square"``), each word one context token plus a
-  learnt vector for its slot, their mean the pooled vector.
+  the file's vocabulary (e.g. ``"a red circle left of a blue square"``), grouped into phrases when the file says
+  so (``"a red circle" | "left of" | "a blue square"``, each phrase the sum of its words' vectors: one token per
+  object, so a colour is bound to its shape before the model sees it; older files: one token per word), plus a
+  learnt vector for each token's slot, their mean the pooled vector.
 
 The file: diffusion-model tensors under FLUX's names, the embedding under ``text_embedding.weight`` and the
 slot vectors under ``text_embedding.position``, and in the metadata the model config (``glance.reference.config``;
@@ -93,8 +95,13 @@ class Reference:
     def context_tokens(self) -> int:
         return len(self.position) if self.position is not None else int(self.info.get("context_tokens", MAX_WORDS))
 
+    @property
+    def phrase_starts(self) -> list[str] | None:
+        starts = self.info.get("phrase_starts")
+        return list(starts) if starts is not None else None
+
     def encode(self, caption: str) -> list:
-        return encode(self.embedding, self.vocab, caption, self.position, self.context_tokens)
+        return encode(self.embedding, self.vocab, caption, self.position, self.context_tokens, self.phrase_starts)
 
     def example(self) -> str:
         return str(self.info.get("example_caption", " ".join(self.vocab[1:3])))
@@ -124,17 +131,46 @@ def padded(vocab: list[str], caption: str, length: int = MAX_WORDS) -> list[int]
     return ids + [0] * (length - len(ids))
 
 
+def groups(vocab: list[str], caption: str, length: int = MAX_WORDS, phrase_starts: list[str] | None = None):
+    """The word indices of each context token of ``caption``, padded with the empty-caption token to the fixed
+    context length the model was trained with: one word per token, or, with ``phrase_starts``, one phrase per token
+    (a new phrase begins at each of those words, e.g. "a", "two", "and", "left")."""
+    if phrase_starts is None:
+        return [[i] for i in padded(vocab, caption, length)]
+    starts = set(phrase_starts)
+    out: list[list[int]] = []
+    for i in tokens(vocab, caption):
+        if i == 0:
+            continue
+        if not out or vocab[i] in starts:
+            out.append([i])
+        else:
+            out[-1].append(i)
+    if len(out) > length:
+        raise GlanceError(
+            f"Caption {caption!r} has {len(out)} phrases; this reference model takes at most {length} (one or two "
+            "objects and a relation, e.g. 'a red circle left of a blue square'). Shorten the caption."
+        )
+    return out + [[0]] * (length - len(out))
+
+
+def context(embedding: torch.Tensor, token_groups: list[list[int]]) -> torch.Tensor:
+    """[tokens, dim]: each token the sum of its words' vectors (differentiable: the training script uses it)."""
+    return torch.stack([embedding[g].sum(0) for g in token_groups])
+
+
 def encode(
     embedding: torch.Tensor,
     vocab: list[str],
     caption: str,
     position: torch.Tensor | None = None,
     length: int = MAX_WORDS,
+    phrase_starts: list[str] | None = None,
 ) -> list:
-    """ComfyUI CONDITIONING for ``caption``: one context token per word (padded with the empty-caption token),
-    plus a learnt vector per slot when the file has one (FLUX gives text tokens no position, and "a red circle
-    left of a blue square" needs word order), their mean as FLUX's pooled vector."""
-    ctx = embedding[padded(vocab, caption, length)].to(torch.float32)
+    """ComfyUI CONDITIONING for ``caption``: one context token per word or phrase (``groups``), plus a learnt
+    vector per slot when the file has one (FLUX gives text tokens no position, and "a red circle left of a blue
+    square" needs word order), their mean as FLUX's pooled vector."""
+    ctx = context(embedding.to(torch.float32), groups(vocab, caption, length, phrase_starts))
     if position is not None:
         ctx = ctx + position.to(torch.float32)
     return [[ctx.unsqueeze(0), {"pooled_output": ctx.mean(0, keepdim=True)}]]

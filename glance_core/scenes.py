@@ -67,6 +67,10 @@ HANDFUL = (
 VOCAB = ["", "a", "and", "of", *NUMBERS, "left", "right", "above", "below", *COLOURS, *SHAPES, *PLURAL.values()]
 #: Words in the longest caption ("a red circle left of a blue square").
 MAX_WORDS = 8
+#: Words that begin a phrase: a caption is at most three phrases, an object or two and what joins them
+#: ("a red circle" | "left of" | "a blue square"), which the teacher takes as one context token each.
+PHRASE_STARTS = ("a", *NUMBERS, "and", *(r.split()[0] for r in RELATIONS))
+MAX_PHRASES = 3
 #: Objects sit in the cells of a GRID × GRID layout (a 16-pixel cell is 4 × 4 of the teacher's patches): a small
 #: model learns counts and relations in a few thousand steps when objects never touch.
 GRID = 2

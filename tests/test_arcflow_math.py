@@ -187,3 +187,32 @@ def test_closed_form_steps_beat_euler_on_an_analytic_flow():
     print(f"mean endpoint error: arcflow {err_arc:.4f}, euler {err_euler:.4f}")
     assert err_arc < 0.1 * err_euler, (err_arc, err_euler)
     assert err_arc < 0.05, err_arc
+
+
+def test_power_ema_is_the_running_mean_at_gamma_0_and_weighs_late_values_at_gamma_7():
+    from glance_core.arcflow_distill import ema_update
+
+    values = [torch.tensor([float(t) ** 2, -float(t)]) for t in range(1, 41)]
+    for gamma, weight in ((0.0, lambda t: 1.0), (7.0, lambda t: float(t) ** 7)):
+        ema = [values[0].clone()]
+        for t, v in enumerate(values, 1):
+            ema_update(ema, [v], t, gamma)
+        w = torch.tensor([weight(t) for t in range(1, 41)], dtype=torch.float64)
+        expected = (w[:, None] * torch.stack(values).double()).sum(0) / w.sum()
+        # γ = 0: exactly the mean; γ = 7: the ∝ t^γ weighting up to its O(1/t) start-up error
+        assert torch.allclose(ema[0].double(), expected, rtol=1e-6 if gamma == 0 else 0.05), (gamma, ema, expected)
+    assert ema[0][0] > torch.stack(values)[:, 0].mean()  # late (large) values weigh more than in the mean
+
+
+def test_dropping_components_renormalises_the_gates_and_never_empties_a_sample():
+    means, logits, lam = _policy(k=4)
+    pol = arcflow.ArcFlowPolicy(means, logits, lam)
+    dropped = torch.tensor([[True, False, True, False], [True, True, True, True]])
+    out = pol.without(dropped)
+    keep = [1, 3]  # sample 0 keeps components 1 and 3 only
+    pi = torch.softmax(logits[0, keep], 0)
+    lam0 = arcflow.full_loggammas(lam)[0, keep]
+    u = (pi * torch.exp(lam0 * 0.3) * means[0, keep]).sum(0)
+    assert torch.allclose(out.velocity(0.3)[0], u.float(), atol=1e-5)
+    assert torch.equal(out.velocity(0.3)[1], pol.velocity(0.3)[1])  # all dropped: the sample keeps them all
+    assert torch.isfinite(out.displacement(1.0, 0.7619)).all()

@@ -181,3 +181,25 @@ def test_training_script_is_reproducible_from_its_seed(comfy_nodes, tmp_path):
     sa, sb, sc = load_file(str(a)), load_file(str(b)), load_file(str(c))
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     assert any(not torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_trained_file_encodes_one_token_per_phrase(comfy_nodes, glance, tmp_path):
+    """``--tokens phrases`` writes phrase tokens (an object's words summed into one token, each slot its own learnt
+    vector) and the loader encodes them the same way; the default writes a word-per-token file (the shipped one)."""
+    from devtools import train_reference
+
+    rm = glance.glance_core.reference_model
+    train_reference.train(tmp_path / "p.safetensors", steps=1, batch=2, seed=0, lr=1e-3, phrases=True)
+    train_reference.train(tmp_path / "w.safetensors", steps=1, batch=2, seed=0, lr=1e-3)
+    phrases, words = rm.load(tmp_path / "p.safetensors"), rm.load(tmp_path / "w.safetensors")
+    caption = "a red circle left of a blue square"
+    ctx = phrases.encode(caption)[0][0][0]
+    emb, pos, v = phrases.embedding.float(), phrases.position.float(), phrases.vocab
+    assert ctx.shape == (3, 32) and phrases.context_tokens == 3
+    expected = [["a", "red", "circle"], ["left", "of"], ["a", "blue", "square"]]
+    for slot, group in enumerate(expected):
+        assert torch.allclose(ctx[slot], sum(emb[v.index(w)] for w in group) + pos[slot])
+    assert not torch.equal(ctx, phrases.encode("a blue circle left of a red square")[0][0][0])
+    assert words.encode(caption)[0][0].shape == (1, 8, 32) and words.phrase_starts is None
+    with pytest.raises(glance.glance_core.GlanceError, match="4 phrases.*at most 3"):
+        phrases.encode("a red circle left of a blue square and")

@@ -65,3 +65,28 @@ def test_captions_round_trip_and_bad_captions_name_the_grammar():
     for bad in ("a dog", "four red circles", "a red circle and a red circle left", "a circle and a blue square"):
         with pytest.raises(ValueError, match="not a scene caption.*left of"):
             scenes.parse(bad)
+
+
+def test_every_object_is_one_phrase_token():
+    """The teacher takes a caption as phrases (one context token each): every object of every caption kind is one
+    phrase with its own colour and shape words, so a colour is bound to its shape before the model sees it."""
+    from glance_core import reference_model
+
+    vocab, starts = scenes.VOCAB, list(scenes.PHRASE_STARTS)
+    rng = np.random.default_rng(2)
+    captions = scenes.seen_captions() + scenes.held_out_captions()
+    captions += [scenes.random_spec(rng).caption for _ in range(200)]
+    for c in captions:
+        groups = reference_model.groups(vocab, c, scenes.MAX_PHRASES, starts)
+        assert len(groups) == scenes.MAX_PHRASES, c
+        phrases = [" ".join(vocab[i] for i in g) for g in groups if g != [0]]
+        spec = scenes.parse(c)
+        objects = [p for p in phrases if p.split()[-1].rstrip("s") in scenes.SHAPES]
+        assert len(objects) == (1 if spec.category == "counting" else len(spec.objects)), (c, phrases)
+        for obj, phrase in zip(spec.objects, objects):
+            assert obj.shape in phrase and (obj.colour is None or obj.colour in phrase.split()), (c, phrases)
+    assert reference_model.groups(vocab, "", scenes.MAX_PHRASES, starts) == [[0]] * scenes.MAX_PHRASES
+    with pytest.raises(reference_model.GlanceError, match="5 phrases; .* at most 3"):
+        reference_model.groups(vocab, "a red circle left of a blue square and a triangle", 3, starts)
+    # files trained one token per word still encode that way
+    assert reference_model.groups(vocab, "a red circle", 4) == [[1], [vocab.index("red")], [vocab.index("circle")], [0]]
