@@ -131,7 +131,9 @@ def padded(vocab: list[str], caption: str, length: int = MAX_WORDS) -> list[int]
     return ids + [0] * (length - len(ids))
 
 
-def groups(vocab: list[str], caption: str, length: int = MAX_WORDS, phrase_starts: list[str] | None = None):
+def groups(
+    vocab: list[str], caption: str, length: int = MAX_WORDS, phrase_starts: list[str] | None = None
+) -> list[list[int]]:
     """The word indices of each context token of ``caption``, padded with the empty-caption token to the fixed
     context length the model was trained with: one word per token, or, with ``phrase_starts``, one phrase per token
     (a new phrase begins at each of those words, e.g. "a", "two", "and", "left")."""
