@@ -6,7 +6,7 @@
 Same noises for every row (per caption, seeded from the caption). Held-out conditions: the 18 captions of
 ``glance_core.scenes.held_out_captions`` (compositions the teacher never drew, captions no adapter saw) × seeds.
 Seen conditions: the handful of captions the adapters train on (``HANDFUL``; the one-caption rows use its first),
-with noises no rollout used. The teacher samples with CFG 5 (``reference_model.CFG``; negative: the empty caption);
+with noises no rollout used. The teacher samples with ``reference_model.CFG`` (negative: the empty caption);
 ArcFlow distils the CFG in.
 
 Columns: PSNR and SSIM to the teacher's 50-step output from the same noise; the exact prompt-following score of

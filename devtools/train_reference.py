@@ -1,6 +1,6 @@
 """Train the pack's reference teacher (see ``glance_core.reference_model``) on scenes drawn in code.
 
-    .venv/bin/python -m devtools.train_reference            (≈ 53 min on two CPU threads; writes assets/)
+    .venv/bin/python -m devtools.train_reference            (≈ 52 min on two CPU threads; writes assets/)
 
 Data: ``glance_core.scenes`` — 1–3 coloured shapes on a light background (one per cell of a 2 × 2 layout) with
 captions such as "two red circles" or "a blue square left of a yellow triangle", the two-object kinds drawn more
@@ -8,9 +8,10 @@ often (``scenes.CATEGORY_WEIGHTS``); some colour–shape pairs and relations are
 compositions). 10 % of captions are dropped (the empty caption) so the model
 can be sampled with CFG, which makes its trajectories curved. Plain flow matching on the velocity ε − x0 at
 logit-normal, FLUX-shifted sigmas; AdamW with an EMA of the weights, which is what is saved.
-The same seed, steps and thread count give the same weights. ``--tokens phrases`` trains a teacher that takes each
-phrase of a caption ("a red circle" | "left of" | "a blue square") as one context token, the sum of its words'
-vectors, instead of one token per word (the shipped file); the loader reads which from the file.
+The same seed, steps and thread count give the same weights. The teacher takes each phrase of a caption
+("a red circle" | "left of" | "a blue square") as one context token, the sum of its words' vectors, so an object's
+colour is bound to its shape before the model sees it (the shipped file); ``--tokens words`` trains the older kind,
+one token per word. The loader reads which from the file.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def train(
     threads: int | None = None,
     config: dict | None = None,
     snapshot_every: int = 0,
-    phrases: bool = False,
+    phrases: bool = True,
 ) -> dict:
     comfy_env.import_comfy()
     from safetensors.torch import save_file
@@ -208,8 +209,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--tokens",
         choices=("words", "phrases"),
-        default="words",
-        help="one context token per word (the shipped file) or per phrase (an object's words summed: see README)",
+        default="phrases",
+        help="one context token per phrase (an object's words summed: the shipped file) or per word (see README)",
     )
     args = ap.parse_args(argv)
     train(
