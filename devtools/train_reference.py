@@ -83,10 +83,7 @@ def _step(
     from glance_core import reference_model as rm
 
     x0, caps = sample_batch(batch, rng)
-    if starts is None:  # one token per word (as the shipped file was trained: same ops, same weights)
-        ctx = emb[torch.tensor([rm.padded(vocab, c, length) for c in caps])] + pos
-    else:
-        ctx = torch.stack([rm.context(emb, rm.groups(vocab, c, length, starts)) for c in caps]) + pos
+    ctx = torch.stack([rm.context(emb, rm.groups(vocab, c, length, starts)) for c in caps]) + pos
     s = sigmas(batch, g)
     eps = torch.randn(x0.shape, generator=g)
     xt = (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * eps
