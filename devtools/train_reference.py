@@ -77,13 +77,13 @@ def _trainable_options(config: dict) -> dict:
 
 
 def _step(
-    dm, options: dict, emb, pos, fold, vocab: list[str], length: int, starts: list[str] | None, batch: int, rng, g
+    dm, options: dict, emb, pos, vocab: list[str], length: int, starts: list[str] | None, batch: int, rng, g
 ) -> torch.Tensor:
     """One batch of plain flow matching on the velocity ε − x0."""
     from glance_core import reference_model as rm
 
     x0, caps = sample_batch(batch, rng)
-    ctx = torch.stack([rm.context(emb, rm.groups(vocab, c, length, starts), fold) for c in caps]) + pos
+    ctx = torch.stack([rm.context(emb, rm.groups(vocab, c, length, starts)) for c in caps]) + pos
     s = sigmas(batch, g)
     eps = torch.randn(x0.shape, generator=g)
     xt = (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * eps
@@ -102,10 +102,7 @@ def train(
     config: dict | None = None,
     snapshot_every: int = 0,
     phrases: bool = True,
-    fold: bool = False,
 ) -> dict:
-    if fold and not phrases:
-        raise ValueError("fold joins phrase tokens: train with phrases=True")
     comfy_env.import_comfy()
     from safetensors.torch import save_file
 
@@ -129,12 +126,9 @@ def train(
         p.requires_grad_(True)
     emb = torch.nn.Parameter(torch.randn(len(vocab), config["context_in_dim"], generator=g))
     pos = torch.nn.Parameter(0.1 * torch.randn(length, config["context_in_dim"], generator=g))
-    # zeros: draws nothing from the generator, so the data and noise are those of the same seed without it
-    folds = [torch.nn.Parameter(torch.zeros(2, config["context_in_dim"], config["context_in_dim"]))] if fold else []
-    text = [emb, pos, *folds]
     ema = {k: v.detach().clone() for k, v in dm.state_dict().items()}
-    ema_text = [t.detach().clone() for t in text]
-    opt = torch.optim.AdamW([*params, *text], lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    ema_text = [emb.detach().clone(), pos.detach().clone()]
+    opt = torch.optim.AdamW([*params, emb, pos], lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     options = _trainable_options(config)
     losses, t0 = [], time.perf_counter()
 
@@ -150,7 +144,6 @@ def train(
             "example_caption": "a red circle left of a blue square",
             "context_tokens": length,
             **({"phrase_starts": starts} if starts else {}),
-            **({"fold": "the joining phrase is added to each object through a learnt map per side"} if fold else {}),
             "steps": done,
             "batch": batch,
             "seed": seed,
@@ -164,8 +157,6 @@ def train(
         sd = rm.canonical_keys({k: v.to(torch.float16).contiguous() for k, v in ema.items()})
         sd[rm.TEXT_KEY] = ema_text[0].to(torch.float16).contiguous()
         sd[rm.POSITION_KEY] = ema_text[1].to(torch.float16).contiguous()
-        if fold:
-            sd[rm.FOLD_KEY] = ema_text[2].to(torch.float16).contiguous()
         meta = {rm.META_CONFIG: json.dumps(config), rm.META_VOCAB: json.dumps(vocab), rm.META_INFO: json.dumps(info)}
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -175,10 +166,10 @@ def train(
 
     with training_mode():  # ComfyUI's switch to autograd-capable kernels (FLUX's RoPE) on releases that have it
         for step in range(steps):
-            loss = _step(dm, options, emb, pos, folds[0] if folds else None, vocab, length, starts, batch, rng, g)
+            loss = _step(dm, options, emb, pos, vocab, length, starts, batch, rng, g)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_([*params, *text], 1.0)
+            torch.nn.utils.clip_grad_norm_([*params, emb, pos], 1.0)
             for group in opt.param_groups:  # warm-up, then cosine decay to 10 %
                 group["lr"] = lr * min(1.0, (step + 1) / 100) * (0.55 + 0.45 * math.cos(math.pi * step / steps))
             opt.step()
@@ -186,7 +177,7 @@ def train(
             with torch.no_grad():
                 for k, v_ in dm.state_dict().items():
                     ema[k].lerp_(v_, 1 - decay)
-                for e, t in zip(ema_text, text):
+                for e, t in zip(ema_text, (emb, pos)):
                     e.lerp_(t, 1 - decay)
             losses.append(float(loss.detach()))
             if snapshot_every and (step + 1) % snapshot_every == 0 and step + 1 < steps:
@@ -214,10 +205,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--snapshot-every", type=int, default=0, help="also write the EMA weights every N steps")
     ap.add_argument(
         "--tokens",
-        choices=("words", "phrases", "linked"),
+        choices=("words", "phrases"),
         default="phrases",
-        help="one context token per phrase (an object's words summed: the shipped file) or per word; linked: "
-        "phrases, with the joining phrase ('left of') also folded into each object through a learnt map (see README)",
+        help="one context token per phrase (an object's words summed: the shipped file) or per word (see README)",
     )
     args = ap.parse_args(argv)
     train(
@@ -228,8 +218,7 @@ def main(argv: list[str] | None = None) -> None:
         args.lr,
         threads=args.threads,
         snapshot_every=args.snapshot_every,
-        phrases=args.tokens != "words",
-        fold=args.tokens == "linked",
+        phrases=args.tokens == "phrases",
     )
 
 

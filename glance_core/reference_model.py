@@ -41,7 +41,6 @@ META_VOCAB = "glance.reference.vocab"
 META_INFO = "glance.reference.info"
 TEXT_KEY = "text_embedding.weight"
 POSITION_KEY = "text_embedding.position"
-FOLD_KEY = "text_embedding.fold"
 MAX_WORDS = 2
 
 #: The shipped teacher's architecture: FLUX's double/single-stream blocks at width 128, 4×4-pixel patches.
@@ -91,7 +90,6 @@ class Reference:
     vocab: list[str]
     info: dict
     position: torch.Tensor | None = None  # [context_tokens, context_in_dim], added to the word vectors
-    fold: torch.Tensor | None = None  # [2, context_in_dim, context_in_dim]: the joining phrase into each object
 
     @property
     def context_tokens(self) -> int:
@@ -103,9 +101,7 @@ class Reference:
         return list(starts) if starts is not None else None
 
     def encode(self, caption: str) -> list:
-        return encode(
-            self.embedding, self.vocab, caption, self.position, self.context_tokens, self.phrase_starts, self.fold
-        )
+        return encode(self.embedding, self.vocab, caption, self.position, self.context_tokens, self.phrase_starts)
 
     def example(self) -> str:
         return str(self.info.get("example_caption", " ".join(self.vocab[1:3])))
@@ -160,20 +156,9 @@ def groups(
     return out + [[0]] * (length - len(out))
 
 
-def context(embedding: torch.Tensor, token_groups: list[list[int]], fold: torch.Tensor | None = None) -> torch.Tensor:
-    """[tokens, dim]: each token the sum of its words' vectors (differentiable: the training script uses it).
-
-    With ``fold`` ([2, dim, dim], three phrase tokens) the middle phrase, what joins the objects ("left of", "and"),
-    is also added to the first object through ``fold[0]`` and to the second through ``fold[1]``: each object token
-    then says which side of the relation it is on ("I am the left one"), which an image patch can match by its own
-    position, instead of having to combine three tokens (object, slot, relation) to place an object."""
-    ctx = torch.stack([embedding[g].sum(0) for g in token_groups])
-    if fold is None:
-        return ctx
-    if len(ctx) != 3:
-        raise ValueError(f"fold needs three phrase tokens (object | joiner | object), got {len(ctx)}")
-    joiner = ctx[1]
-    return torch.stack([ctx[0] + joiner @ fold[0], joiner, ctx[2] + joiner @ fold[1]])
+def context(embedding: torch.Tensor, token_groups: list[list[int]]) -> torch.Tensor:
+    """[tokens, dim]: each token the sum of its words' vectors (differentiable: the training script uses it)."""
+    return torch.stack([embedding[g].sum(0) for g in token_groups])
 
 
 def encode(
@@ -183,14 +168,11 @@ def encode(
     position: torch.Tensor | None = None,
     length: int = MAX_WORDS,
     phrase_starts: list[str] | None = None,
-    fold: torch.Tensor | None = None,
 ) -> list:
-    """ComfyUI CONDITIONING for ``caption``: one context token per word or phrase (``groups``; the joining phrase
-    folded into both objects when the file has ``fold``), plus a learnt vector per slot when the file has one (FLUX
-    gives text tokens no position, and "a red circle left of a blue square" needs word order), their mean as
-    FLUX's pooled vector."""
-    fold = fold.to(torch.float32) if fold is not None else None
-    ctx = context(embedding.to(torch.float32), groups(vocab, caption, length, phrase_starts), fold)
+    """ComfyUI CONDITIONING for ``caption``: one context token per word or phrase (``groups``), plus a learnt
+    vector per slot when the file has one (FLUX gives text tokens no position, and "a red circle left of a blue
+    square" needs word order), their mean as FLUX's pooled vector."""
+    ctx = context(embedding.to(torch.float32), groups(vocab, caption, length, phrase_starts))
     if position is not None:
         ctx = ctx + position.to(torch.float32)
     return [[ctx.unsqueeze(0), {"pooled_output": ctx.mean(0, keepdim=True)}]]
@@ -308,7 +290,6 @@ def load(path: str | Path) -> Reference:
         raise GlanceError(f"{name}: no '{TEXT_KEY}' tensor (the caption encoder). {redo}")
     embedding = sd.pop(TEXT_KEY)
     position = sd.pop(POSITION_KEY, None)
-    fold = sd.pop(FOLD_KEY, None)
     if embedding.shape != (len(vocab), config["context_in_dim"]):
         raise GlanceError(
             f"{name}: {TEXT_KEY} has shape {tuple(embedding.shape)}, expected "
@@ -319,14 +300,7 @@ def load(path: str | Path) -> Reference:
             f"{name}: {POSITION_KEY} has shape {tuple(position.shape)}, "
             f"expected (N, {config['context_in_dim']}). {redo}"
         )
-    dim = config["context_in_dim"]
-    if fold is not None and (fold.shape != (2, dim, dim) or position is None or len(position) != 3):
-        raise GlanceError(
-            f"{name}: {FOLD_KEY} has shape {tuple(fold.shape)} with {0 if position is None else len(position)} "
-            f"context tokens; it needs shape (2, {dim}, {dim}) and three phrase tokens ({POSITION_KEY} (3, {dim})). "
-            f"{redo}"
-        )
-    return Reference(build_model(config, sd, name=name), embedding, vocab, info, position, fold)
+    return Reference(build_model(config, sd, name=name), embedding, vocab, info, position)
 
 
 @functools.lru_cache(maxsize=2)

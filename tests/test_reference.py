@@ -116,11 +116,6 @@ def _bad_files(rm, tmp_path: Path) -> dict[str, tuple[Path, str]]:
     no_text = {k: v for k, v in sd.items() if k != rm.TEXT_KEY}
     save_file(no_text, str(tmp_path / "notext.safetensors"), metadata=meta)
     out["notext.safetensors"] = (tmp_path / "notext.safetensors", "notext.safetensors: no 'text_embedding.weight'")
-    save_file({**sd, rm.FOLD_KEY: torch.zeros(2, 31, 32)}, str(tmp_path / "badfold.safetensors"), metadata=meta)
-    out["badfold.safetensors"] = (
-        tmp_path / "badfold.safetensors",
-        "badfold.safetensors: text_embedding.fold has shape",
-    )
     shrunk = {k: v[..., :-1].contiguous() if k.endswith("img_in.weight") else v for k, v in sd.items()}
     save_file(shrunk, str(tmp_path / "shrunk.safetensors"), metadata=meta)
     out["shrunk.safetensors"] = (tmp_path / "shrunk.safetensors", "shrunk.safetensors does not fit its config")
@@ -209,32 +204,3 @@ def test_trained_file_encodes_one_token_per_phrase(comfy_nodes, glance, tmp_path
     assert words.encode(caption)[0][0].shape == (1, 8, 32) and words.phrase_starts is None
     with pytest.raises(glance.glance_core.GlanceError, match="4 phrases.*at most 3"):
         phrases.encode("a red circle left of a blue square and")
-
-
-def test_linked_file_folds_the_relation_into_both_objects(comfy_nodes, glance, tmp_path):
-    """``--tokens linked``: the joining phrase ("left of") is also added to each object's token through a learnt map
-    per side, trained with the rest, saved, and applied by the loader the same way; so "left of" and "right of" change
-    the object tokens themselves."""
-    from devtools import train_reference
-
-    rm = glance.glance_core.reference_model
-    path = tmp_path / "linked.safetensors"
-    train_reference.train(path, steps=2, batch=4, seed=0, lr=1e-3, fold=True)
-    ref = rm.load(path)
-    assert ref.fold is not None and ref.fold.shape == (2, 32, 32) and ref.fold.float().abs().max() > 0
-    assert ref.info["fold"]
-    emb, pos, fold, v = ref.embedding.float(), ref.position.float(), ref.fold.float(), ref.vocab
-
-    def vec(words: list[str]) -> torch.Tensor:
-        return sum(emb[v.index(w)] for w in words)
-
-    left = ref.encode("a red circle left of a blue square")[0][0][0]
-    joiner = vec(["left", "of"])
-    assert torch.allclose(left[0], vec(["a", "red", "circle"]) + joiner @ fold[0] + pos[0], atol=1e-5)
-    assert torch.allclose(left[1], joiner + pos[1], atol=1e-5)
-    assert torch.allclose(left[2], vec(["a", "blue", "square"]) + joiner @ fold[1] + pos[2], atol=1e-5)
-    right = ref.encode("a red circle right of a blue square")[0][0][0]
-    assert not torch.allclose(right[0], left[0]) and not torch.allclose(right[2], left[2])
-    with pytest.raises(ValueError, match="phrases=True"):
-        train_reference.train(tmp_path / "w.safetensors", steps=1, batch=2, seed=0, lr=1e-3, phrases=False, fold=True)
-    assert not (tmp_path / "w.safetensors").exists()
