@@ -3,8 +3,10 @@
     .venv/bin/python -m bench.bench_teacher [--model FILE] [--seeds 4] [--cfg 8]     (≈ 5 min, one thread)
 
 For the seen and the held-out captions of ``glance_core.scenes`` (× seeds): the score of the teacher's 50-step
-output (per category and overall), the score and PSNR to that output of plain Euler at 10 steps (the Glance sigmas
-and the simple schedule), and a sheet (out/bench_teacher/sheet.png: 50 steps | 10-step Euler, per caption).
+output (per category and overall; for the position captions also how often the relation holds when both objects
+are drawn, against the chance of a random arrangement), the score and PSNR to that output of plain Euler at 10
+steps (the Glance sigmas and the simple schedule), and a sheet (out/bench_teacher/sheet_*.png: 50 steps | 10-step
+Euler, per caption).
 """
 
 from __future__ import annotations
@@ -107,6 +109,10 @@ def main(argv: list[str] | None = None) -> dict:
             "PSNR Euler 10 (Glance sigmas)": psnr(g10, t50),
             "PSNR Euler 10 (simple)": psnr(e10, t50),
         }
+        rate, found = scenes.relation_rate(t50, labels)
+        result[split]["position: relation held, 50 steps (both colours found once)"] = rate
+        result[split]["position: images with both colours found once"] = found
+        result[split]["position: relation held by chance (random cells)"] = scenes.relation_chance(caps)
         sheet(
             [("teacher, 50 steps", t50), ("Euler, 10 steps (Glance sigmas)", g10)],
             caps,

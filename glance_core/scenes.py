@@ -399,6 +399,36 @@ def score(images: np.ndarray, captions: list[str]) -> dict[str, float]:
     return out
 
 
+def relation_rate(images: np.ndarray, captions: list[str]) -> tuple[float, int]:
+    """Whether a model follows the relation at all, apart from drawing the objects: over the position captions'
+    images in which each named colour is found exactly once, the share where those two objects hold the relation,
+    and how many such images there were."""
+    found = held = 0
+    for img, cap in zip(images, captions):
+        spec = parse(cap)
+        if spec.relation is None:
+            continue
+        objs = find_objects(img)
+        a, b = ([o for o in objs if o.colour == want.colour] for want in spec.objects)
+        if len(a) == 1 and len(b) == 1:
+            found += 1
+            held += holds(a[0], spec.relation, b[0])
+    return (held / found if found else 0.0), found
+
+
+def relation_chance(captions: list[str], samples: int = 4000, seed: int = 0) -> float:
+    """``relation_rate`` of a model that draws both objects but puts them in random cells, whatever the relation
+    says (the training layout otherwise): the level a teacher that ignores relations sits at."""
+    rng = np.random.default_rng(seed)
+    specs = [s for s in map(parse, captions) if s.relation is not None]
+    held = 0
+    for k in range(samples):
+        spec = specs[k % len(specs)]
+        a, b = layout(Spec("colour attribution", spec.objects), rng)
+        held += holds(a, spec.relation, b)
+    return held / samples
+
+
 def render(caption: str, seed: int, size: int = SIZE) -> np.ndarray:
     """A ground-truth image of ``caption`` (any caption, held-out compositions included)."""
     return draw(layout(parse(caption), np.random.default_rng(seed), size), size)

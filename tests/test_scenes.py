@@ -43,6 +43,21 @@ def test_noise_and_wrong_captions_score_about_zero():
         assert scenes.score(img, [wrong] * 8)["overall"] == 0.0, wrong
 
 
+def test_relation_rate_tells_a_teacher_that_follows_relations_from_one_that_ignores_them():
+    """bench_teacher's position diagnostic: ground truth holds the relation every time, the opposite relation never,
+    and objects in random cells sit at the chance level it prints beside the teacher's rate."""
+    captions = [c for c in scenes.seen_captions() + scenes.held_out_captions() if scenes.parse(c).relation]
+    imgs, caps = _rendered(captions, 6)
+    assert scenes.relation_rate(imgs, caps) == (1.0, len(caps))
+    opposite = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+    flipped = [c.replace(r, opposite[r]) for c in caps for r in [scenes.parse(c).relation]]
+    assert scenes.relation_rate(imgs, flipped) == (0.0, len(caps))
+    # colour and single-object captions have no relation: not counted
+    assert scenes.relation_rate(imgs[:2], ["a red circle", "a circle"]) == (0.0, 0)
+    chance = scenes.relation_chance(captions)
+    assert 0.2 < chance < 0.5, chance
+
+
 def test_training_never_draws_the_held_out_compositions():
     rng = np.random.default_rng(1)
     for _ in range(400):
