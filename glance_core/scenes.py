@@ -421,6 +421,8 @@ def relation_chance(captions: list[str], samples: int = 4000, seed: int = 0) -> 
     says (the training layout otherwise): the level a teacher that ignores relations sits at."""
     rng = np.random.default_rng(seed)
     specs = [s for s in map(parse, captions) if s.relation is not None]
+    if not specs:
+        raise ValueError("relation_chance needs position captions (e.g. 'a red circle left of a blue square')")
     held = 0
     for k in range(samples):
         spec = specs[k % len(specs)]

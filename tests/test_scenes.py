@@ -56,6 +56,8 @@ def test_relation_rate_tells_a_teacher_that_follows_relations_from_one_that_igno
     assert scenes.relation_rate(imgs[:2], ["a red circle", "a circle"]) == (0.0, 0)
     chance = scenes.relation_chance(captions)
     assert 0.2 < chance < 0.5, chance
+    with pytest.raises(ValueError, match="position captions"):
+        scenes.relation_chance(["a red circle"])
 
 
 def test_training_never_draws_the_held_out_compositions():
