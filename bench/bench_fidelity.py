@@ -113,16 +113,21 @@ class Bench:
 
     def train(self, schedule, objective: str, *, images=None, captions=None, single=False, **budget):
         """Slow + Fast experts (or one expert on all steps when ``single``) → phase-aware model, losses."""
+        results = self.train_experts(schedule, objective, images=images, captions=captions, single=single, **budget)
+        states = {name: res.state_dict for name, res in results.items()}
+        return self.phase_model(schedule, states, objective), {name: res.losses for name, res in results.items()}
+
+    def train_experts(
+        self, schedule, objective: str, *, images=None, captions=None, single=False, per_expert=None, **budget
+    ):
+        """``{"slow"/"fast": TrainResult}`` (only "slow", on every step, when ``single``); ``per_expert``:
+        ``{"slow"/"fast": {option: value}}`` over ``budget`` for that expert."""
         t = self.training
         s = list(schedule.sigmas)
-        n_slow = schedule.slow_steps
         if single:
             jobs = {"slow": t.ExpertJob("slow", s[:-1], s[1:])}
         else:
-            jobs = {
-                "slow": t.ExpertJob("slow", s[:n_slow], s[1 : n_slow + 1]),
-                "fast": t.ExpertJob("fast", s[n_slow:-1], s[n_slow + 1 :]),
-            }
+            jobs = t.expert_jobs(schedule)
         flux = self.architectures.ARCHITECTURES["flux"]
         rank, alpha, lr = flux.rank, flux.alpha, flux.learning_rate
         if objective == "official":
@@ -132,6 +137,7 @@ class Bench:
         opts.update(budget)
         if self.quick:
             opts["steps"], opts["noises"] = 3, 1
+            opts["snapshots"] = [n for n in opts.get("snapshots", ()) if n <= 3]
         noises = opts.pop("noises", 1)
         trajectories = None
         if objective == "trajectory":
@@ -139,9 +145,8 @@ class Bench:
             conds = [(self.cond(c), self.training.clone_conditioning(self.neg)) for c in captions]
             shape = (1, 3, self.size, self.size)
             trajectories = self.rollouts.teacher_trajectories(self.model, conds, CFG, noises, 1234, shape, grid, s)
-        built, losses = {}, {}
-        for i, (name, job) in enumerate(jobs.items()):
-            res = t.train_expert(
+        return {
+            name: t.train_expert(
                 self.model,
                 job,
                 objective=objective,
@@ -150,12 +155,16 @@ class Bench:
                 images=images,
                 trajectories=trajectories,
                 weight_decay=0.01,
-                **opts,
+                **{**opts, **(per_expert or {}).get(name, {})},
             )
-            built[name] = self.experts.build_expert(self.model, res.state_dict, 1.0, f"{objective} {name}")
-            losses[name] = res.losses
-        boundary = 0.0 if single else schedule.boundary
-        return self.experts.apply_phase_lora(self.model, built.get("slow"), built.get("fast"), boundary), losses
+            for i, (name, job) in enumerate(jobs.items())
+        }
+
+    def phase_model(self, schedule, states: dict[str, dict], label: str):
+        """The phase-aware model of the experts' state dicts (``{"slow": sd}`` alone: one LoRA on every step)."""
+        built = {name: self.experts.build_expert(self.model, sd, 1.0, f"{label} {name}") for name, sd in states.items()}
+        boundary = schedule.boundary if "fast" in built else 0.0
+        return self.experts.apply_phase_lora(self.model, built.get("slow"), built.get("fast"), boundary)
 
     def arcflow(self, captions: list[str], iterations: int):
         conds = [(self.cond(c), self.training.clone_conditioning(self.neg)) for c in captions]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import math
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -58,6 +58,8 @@ class TrainResult:
     losses: list[float]
     drawn_sigmas: list[float]
     metadata: dict[str, str] = field(default_factory=dict)
+    #: ``{steps done: state dict}`` at the steps asked for with ``snapshots`` (a learning curve in one run).
+    snapshots: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 @functools.cache
@@ -149,13 +151,15 @@ def train_expert(
     student_mix: float = 0.0,
     unroll: bool = False,
     on_step: Callable[[int, float], None] | None = None,
+    snapshots: Collection[int] = (),
 ) -> TrainResult:
     """Train one expert. ``x0`` (VAE latent of the image) for ``official`` — or ``images``, several
     (latent, positive) pairs visited in turn, one per step; ``trajectories``
     (from :func:`teacher_trajectories`) for ``trajectory``; ``student_mix``: in the second half, the share
     of steps trained on the student's own rollout states (refreshed 8 times), with the teacher's fine
     rollout from each as the target; ``unroll``: each step runs the expert's whole phase instead (see
-    ``unrolled_step``; ``student_mix`` is then unused). Returns the saved-format state dict."""
+    ``unrolled_step``; ``student_mix`` is then unused); ``snapshots``: step counts after which a copy of the
+    factors is kept in ``TrainResult.snapshots``. Returns the saved-format state dict."""
     import comfy.model_management as mm
     import comfy.patcher_extension as pe
     import comfy.samplers
@@ -171,6 +175,10 @@ def train_expert(
     guider = comfy.samplers.CFGGuider(student)
     losses: list[float] = []
     drawn: list[float] = []
+    kept: dict[int, dict[str, torch.Tensor]] = {}
+    bad = [n for n in snapshots if not 1 <= n <= steps]
+    if bad:
+        raise GlanceError(f"snapshots {bad} are outside the run's steps 1..{steps}: ask for step counts within it.")
 
     # Every step's conditioning is processed once, up front: the guider gets all of them as ONE positive list
     # and each step points the processed list at its own entries (as core's trainer does).
@@ -289,6 +297,8 @@ def train_expert(
                     if student_mix > 0 and not unroll and step >= steps // 2 and step % refresh == 0:
                         student_pairs(model_wrap, extra_args, data)
                     (unrolled_step if unroll else trajectory_step)(model_wrap, extra_args, data, step)
+            if step + 1 in snapshots:
+                kept[step + 1] = lora.state_dict()
             if on_step:
                 on_step(step, losses[-1])
 
@@ -315,4 +325,4 @@ def train_expert(
     finally:
         lora.enabled = False
         opt.zero_grad(set_to_none=True)
-    return TrainResult(lora.state_dict(), losses, drawn)
+    return TrainResult(lora.state_dict(), losses, drawn, snapshots=kept)

@@ -90,6 +90,33 @@ def test_official_loss_falls_on_a_real_photo(comfy_nodes, glance, tiny, flux, ph
     assert last < 0.9 * first, (first, last)
 
 
+def test_snapshots_are_the_shorter_runs(comfy_nodes, glance, tiny, flux, photo):
+    """A learning curve from one run: the copy kept after n steps is the factors an n-step run of the same seed ends
+    with, the last copy is the result, and a step count outside the run is refused before any training."""
+    import importlib
+
+    training = importlib.import_module(glance.__name__ + ".glance_core.training")
+    model, vae = flux
+    with torch.inference_mode():
+        x0 = vae.encode(photo[:, ::8, ::8, :3])
+    job = training.ExpertJob("fast", FLUX[5:10], FLUX[6:11])
+    kw = dict(
+        objective="official", positive=tiny.conditioning("flux", 1), rank=4, alpha=4.0, lr=2e-3, seed=0,
+        targets="official", batch=2, x0=x0,
+    )  # fmt: skip
+    long = training.train_expert(model, job, steps=6, snapshots=(3, 6), **kw)
+    short = training.train_expert(model, job, steps=3, **kw)
+    assert sorted(long.snapshots) == [3, 6]
+    for k, v in short.state_dict.items():
+        torch.testing.assert_close(long.snapshots[3][k], v, rtol=0, atol=0)
+        assert torch.equal(long.snapshots[6][k], long.state_dict[k])
+    assert any(not torch.equal(long.snapshots[3][k], long.snapshots[6][k]) for k in short.state_dict)
+    calls = []
+    with pytest.raises(Exception, match=r"snapshots \[7\] are outside the run's steps 1\.\.6"):
+        training.train_expert(model, job, steps=6, snapshots=(7,), on_step=lambda *a: calls.append(a), **kw)
+    assert calls == []
+
+
 @pytest.mark.parametrize("expert", ["slow", "fast"])
 def test_only_the_experts_timesteps_are_drawn(comfy_nodes, tiny, flux, photo, expert):
     model, vae = flux
