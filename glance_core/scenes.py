@@ -26,7 +26,7 @@ does not reach them. Numpy and scipy only: the demo, the benchmark and the train
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -426,7 +426,7 @@ def relation_chance(captions: list[str], samples: int = 4000, seed: int = 0) -> 
     held = 0
     for k in range(samples):
         spec = specs[k % len(specs)]
-        a, b = layout(Spec("colour attribution", spec.objects), rng)
+        a, b = layout(replace(spec, relation=None), rng)  # no relation: the layout puts both in random cells
         held += holds(a, spec.relation, b)
     return held / samples
 
