@@ -3,8 +3,9 @@
     .venv/bin/python -m bench.bench_trajectory_budget [--captions 6] [--steps 1200] [--at 150,300,600,1200]
 
 The Slow + Fast experts are trained once, with the fidelity benchmark's trajectory recipe (``bench_fidelity``:
-``TRAJECTORY``, overridable with ``--trajectory``) for ``--steps`` steps each; copies of their factors are kept after
-each step count in ``--at`` (the optimiser runs at a constant rate, so the copy at n steps IS the n-step run). Each
+``TRAJECTORY``, overridable with ``--trajectory``), the Fast expert for ``--steps`` steps and the Slow one for
+``--slow-steps``; copies of their factors are kept after each step count in ``--at`` (the optimiser runs at a constant
+rate, so the copy at n steps IS the n-step run) and the pair at n is Slow at min(n, slow steps) + Fast at n. Each
 pair is measured the fidelity benchmark's way, beside plain 10-step Euler on the same Glance sigmas: PSNR to the
 teacher's 50-step output on the 18 held-out captions and on the seen (training) captions with new noises, and the
 prompt-following score ÷ the teacher's. The training time of a row counts the teacher rollouts and both experts' steps
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--captions", type=int, default=len(HANDFUL), help="training captions (the handful first)")
     ap.add_argument("--steps", type=int, default=1200, help="optimisation steps of the Fast expert")
     ap.add_argument(
-        "--slow-steps", type=int, default=300, help="of the Slow expert (its loss is 100× below the Fast one's)"
+        "--slow-steps", type=int, default=300, help="of the Slow expert (its loss is ~1000× below the Fast one's here)"
     )
     ap.add_argument("--at", default="150,300,600,1200", help="Fast step counts at which the pair is measured")
     ap.add_argument("--trajectory", default="", help="override the trajectory recipe, e.g. lr=1e-3,batch=16")
