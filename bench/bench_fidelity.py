@@ -56,6 +56,16 @@ def pool(n: int, seed: int = 5) -> list[str]:
     return out
 
 
+def recipe_overrides(text: str, recipe: dict) -> dict:
+    """``"steps=100,unroll=false"`` → ``{"steps": 100, "unroll": False}``, each value of the type ``recipe`` has."""
+    out = {}
+    for kv in filter(None, text.split(",")):
+        k, v = kv.split("=")
+        kind = type(recipe[k])
+        out[k] = v.lower() in ("1", "true", "yes") if kind is bool else kind(v)
+    return out
+
+
 class Bench:
     def __init__(self, ref_path: Path, seeds: int, quick: bool):
         self.rm = _pack("glance_core.reference_model")
@@ -137,7 +147,6 @@ class Bench:
         opts.update(budget)
         if self.quick:
             opts["steps"], opts["noises"] = 3, 1
-            opts["snapshots"] = [n for n in opts.get("snapshots", ()) if n <= 3]
         noises = opts.pop("noises", 1)
         trajectories = None
         if objective == "trajectory":
@@ -247,10 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.jobs > 1:
         return _run_jobs(args)
-    for kv in filter(None, args.trajectory.split(",")):
-        k, v = kv.split("=")
-        kind = type(TRAJECTORY[k])
-        TRAJECTORY[k] = v.lower() in ("1", "true", "yes") if kind is bool else kind(v)
+    TRAJECTORY.update(recipe_overrides(args.trajectory, TRAJECTORY))
     torch.set_num_threads(args.threads)
     comfy_env.import_comfy()
     import comfy.samplers

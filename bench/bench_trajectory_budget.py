@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from bench.bench_fidelity import CFG, HANDFUL, TRAJECTORY, Bench, _pack, pool, psnr
+from bench.bench_fidelity import CFG, HANDFUL, TRAJECTORY, Bench, _pack, pool, psnr, recipe_overrides
 from devtools import comfy_env
 from glance_core import scenes
 
@@ -41,11 +41,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--quick", action="store_true", help="1 seed, 3 steps: a smoke run")
     ap.add_argument("--out", type=Path, default=comfy_env.REPO / "out" / "bench_trajectory_budget")
     args = ap.parse_args(argv)
-    recipe = dict(TRAJECTORY)
-    for kv in filter(None, args.trajectory.split(",")):
-        k, v = kv.split("=")
-        kind = type(recipe[k])
-        recipe[k] = v.lower() in ("1", "true", "yes") if kind is bool else kind(v)
+    recipe = {**TRAJECTORY, **recipe_overrides(args.trajectory, TRAJECTORY)}
     recipe["steps"] = args.steps
     at = sorted({int(n) for n in args.at.split(",") if int(n) <= args.steps} | {args.steps})
     if args.quick:
