@@ -33,9 +33,11 @@ from . import comfy_env
 SIZE = scenes.SIZE
 
 
-def sample_batch(n: int, rng: np.random.Generator) -> tuple[torch.Tensor, list[str]]:
+def sample_batch(
+    n: int, rng: np.random.Generator, weights: tuple[float, ...] | None = None
+) -> tuple[torch.Tensor, list[str]]:
     """``n`` scenes as [n, 3, SIZE, SIZE] in [-1, 1] and their captions ('' for 10 %, for CFG)."""
-    imgs, caps = scenes.training_batch(n, rng, SIZE)
+    imgs, caps = scenes.training_batch(n, rng, SIZE, weights)
     drop = rng.random(n) < 0.1
     caps = ["" if d else c for d, c in zip(drop, caps)]
     return torch.from_numpy(imgs).float().permute(0, 3, 1, 2) * 2 - 1, caps
@@ -77,13 +79,25 @@ def _trainable_options(config: dict) -> dict:
 
 
 def _step(
-    dm, options: dict, emb, pos, vocab: list[str], length: int, starts: list[str] | None, batch: int, rng, g
+    dm,
+    options: dict,
+    emb,
+    pos,
+    vocab: list[str],
+    length: int,
+    starts: list[str] | None,
+    batch: int,
+    rng,
+    g,
+    relation_slots: bool = False,
+    weights: tuple[float, ...] | None = None,
 ) -> torch.Tensor:
     """One batch of plain flow matching on the velocity ε − x0."""
     from glance_core import reference_model as rm
 
-    x0, caps = sample_batch(batch, rng)
-    ctx = torch.stack([rm.context(emb, rm.groups(vocab, c, length, starts)) for c in caps]) + pos
+    x0, caps = sample_batch(batch, rng, weights)
+    groups = [rm.groups(vocab, c, length, starts) for c in caps]
+    ctx = torch.stack([rm.context(emb, t) + pos[rm.slots(vocab, t, relation_slots)] for t in groups])
     s = sigmas(batch, g)
     eps = torch.randn(x0.shape, generator=g)
     xt = (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * eps
@@ -102,6 +116,8 @@ def train(
     config: dict | None = None,
     snapshot_every: int = 0,
     phrases: bool = True,
+    relation_slots: bool = False,
+    weights: tuple[float, ...] | None = None,
 ) -> dict:
     comfy_env.import_comfy()
     from safetensors.torch import save_file
@@ -125,7 +141,10 @@ def train(
     for p in params:
         p.requires_grad_(True)
     emb = torch.nn.Parameter(torch.randn(len(vocab), config["context_in_dim"], generator=g))
-    pos = torch.nn.Parameter(0.1 * torch.randn(length, config["context_in_dim"], generator=g))
+    if relation_slots and not phrases:
+        raise ValueError("relation slots need phrase tokens (--tokens phrases)")
+    n_slots = length + (len(rm.RELATION_SLOTS) if relation_slots else 0)
+    pos = torch.nn.Parameter(0.1 * torch.randn(n_slots, config["context_in_dim"], generator=g))
     ema = {k: v.detach().clone() for k, v in dm.state_dict().items()}
     ema_text = [emb.detach().clone(), pos.detach().clone()]
     opt = torch.optim.AdamW([*params, emb, pos], lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
@@ -144,6 +163,8 @@ def train(
             "example_caption": "a red circle left of a blue square",
             "context_tokens": length,
             **({"phrase_starts": starts} if starts else {}),
+            **({"relation_slots": True} if relation_slots else {}),
+            **({"category_weights": list(weights)} if weights else {}),
             "steps": done,
             "batch": batch,
             "seed": seed,
@@ -166,7 +187,7 @@ def train(
 
     with training_mode():  # ComfyUI's switch to autograd-capable kernels (FLUX's RoPE) on releases that have it
         for step in range(steps):
-            loss = _step(dm, options, emb, pos, vocab, length, starts, batch, rng, g)
+            loss = _step(dm, options, emb, pos, vocab, length, starts, batch, rng, g, relation_slots, weights)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([*params, emb, pos], 1.0)
@@ -209,6 +230,18 @@ def main(argv: list[str] | None = None) -> None:
         default="phrases",
         help="one context token per phrase (an object's words summed: the shipped file) or per word (see README)",
     )
+    ap.add_argument(
+        "--relation-slots",
+        action="store_true",
+        help="the two objects of a relation take the slot of their side (left/right/above/below), not of their place",
+    )
+    ap.add_argument(
+        "--category-weights",
+        type=lambda t: tuple(float(x) for x in t.split(",")),
+        default=None,
+        help="how often each caption kind is drawn, 6 numbers in scenes.CATEGORIES order (default: "
+        "scenes.CATEGORY_WEIGHTS)",
+    )
     args = ap.parse_args(argv)
     train(
         args.out,
@@ -219,6 +252,8 @@ def main(argv: list[str] | None = None) -> None:
         threads=args.threads,
         snapshot_every=args.snapshot_every,
         phrases=args.tokens == "phrases",
+        relation_slots=args.relation_slots,
+        weights=args.category_weights,
     )
 
 

@@ -93,15 +93,29 @@ class Reference:
 
     @property
     def context_tokens(self) -> int:
-        return len(self.position) if self.position is not None else int(self.info.get("context_tokens", MAX_WORDS))
+        if "context_tokens" in self.info or self.position is None:
+            return int(self.info.get("context_tokens", MAX_WORDS))
+        return len(self.position)
 
     @property
     def phrase_starts(self) -> list[str] | None:
         starts = self.info.get("phrase_starts")
         return list(starts) if starts is not None else None
 
+    @property
+    def relation_slots(self) -> bool:
+        return bool(self.info.get("relation_slots", False))
+
     def encode(self, caption: str) -> list:
-        return encode(self.embedding, self.vocab, caption, self.position, self.context_tokens, self.phrase_starts)
+        return encode(
+            self.embedding,
+            self.vocab,
+            caption,
+            self.position,
+            self.context_tokens,
+            self.phrase_starts,
+            self.relation_slots,
+        )
 
     def example(self) -> str:
         return str(self.info.get("example_caption", " ".join(self.vocab[1:3])))
@@ -156,6 +170,25 @@ def groups(
     return out + [[0]] * (length - len(out))
 
 
+#: Slot vectors after the positional ones, when the file has ``relation_slots``: an object in a relation takes the
+#: slot of the side it is on ("a red circle left of a blue square": the circle "left", the square "right"), so the
+#: model reads each object's place from its own token instead of combining three tokens.
+RELATION_SLOTS = ("left", "right", "above", "below")
+_OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above"}
+
+
+def slots(vocab: list[str], token_groups: list[list[int]], relation_slots: bool = False) -> list[int]:
+    """The slot (row of the position vectors) of each context token: its place in the caption, or, with
+    ``relation_slots``, for the two objects of a relation phrase, the side each one is on."""
+    out = list(range(len(token_groups)))
+    if relation_slots and len(token_groups) == 3:
+        side = vocab[token_groups[1][0]]
+        if side in _OPPOSITE:
+            out[0] = len(token_groups) + RELATION_SLOTS.index(side)
+            out[2] = len(token_groups) + RELATION_SLOTS.index(_OPPOSITE[side])
+    return out
+
+
 def context(embedding: torch.Tensor, token_groups: list[list[int]]) -> torch.Tensor:
     """[tokens, dim]: each token the sum of its words' vectors (differentiable: the training script uses it)."""
     return torch.stack([embedding[g].sum(0) for g in token_groups])
@@ -168,13 +201,15 @@ def encode(
     position: torch.Tensor | None = None,
     length: int = MAX_WORDS,
     phrase_starts: list[str] | None = None,
+    relation_slots: bool = False,
 ) -> list:
     """ComfyUI CONDITIONING for ``caption``: one context token per word or phrase (``groups``), plus a learnt
     vector per slot when the file has one (FLUX gives text tokens no position, and "a red circle left of a blue
-    square" needs word order), their mean as FLUX's pooled vector."""
-    ctx = context(embedding.to(torch.float32), groups(vocab, caption, length, phrase_starts))
+    square" needs word order; ``slots``), their mean as FLUX's pooled vector."""
+    token_groups = groups(vocab, caption, length, phrase_starts)
+    ctx = context(embedding.to(torch.float32), token_groups)
     if position is not None:
-        ctx = ctx + position.to(torch.float32)
+        ctx = ctx + position.to(torch.float32)[slots(vocab, token_groups, relation_slots)]
     return [[ctx.unsqueeze(0), {"pooled_output": ctx.mean(0, keepdim=True)}]]
 
 

@@ -236,10 +236,12 @@ def _pairs(held_out: bool) -> list[tuple[str, str]]:
     return [(c, s) for c in COLOURS for s in SHAPES if ((c, s) in HELD_OUT_PAIRS) == held_out]
 
 
-def random_spec(rng: np.random.Generator) -> Spec:
-    """A training caption: any category, no held-out colour–shape pair, no held-out relation."""
+def random_spec(rng: np.random.Generator, weights: tuple[float, ...] | None = None) -> Spec:
+    """A training caption: any category (drawn by ``weights``, default ``CATEGORY_WEIGHTS``), no held-out
+    colour–shape pair, no held-out relation."""
     pairs = _pairs(False)
-    p = np.array(CATEGORY_WEIGHTS) / sum(CATEGORY_WEIGHTS)
+    w = np.array(weights or CATEGORY_WEIGHTS, dtype=float)
+    p = w / w.sum()
     category = CATEGORIES[int(rng.choice(len(CATEGORIES), p=p))]
 
     def pair() -> Obj:
@@ -436,8 +438,10 @@ def render(caption: str, seed: int, size: int = SIZE) -> np.ndarray:
     return draw(layout(parse(caption), np.random.default_rng(seed), size), size)
 
 
-def training_batch(n: int, rng: np.random.Generator, size: int = SIZE) -> tuple[np.ndarray, list[str]]:
+def training_batch(
+    n: int, rng: np.random.Generator, size: int = SIZE, weights: tuple[float, ...] | None = None
+) -> tuple[np.ndarray, list[str]]:
     """``n`` training scenes [n, size, size, 3] in [0, 1] and their captions (no held-out composition drawn)."""
-    specs = [random_spec(rng) for _ in range(n)]
+    specs = [random_spec(rng, weights) for _ in range(n)]
     imgs = [draw(layout(s, rng, size, allow_held_out=False), size) for s in specs]
     return np.stack(imgs), [s.caption for s in specs]

@@ -204,3 +204,38 @@ def test_trained_file_encodes_one_token_per_phrase(comfy_nodes, glance, tmp_path
     assert words.encode(caption)[0][0].shape == (1, 8, 32) and words.phrase_starts is None
     with pytest.raises(glance.glance_core.GlanceError, match="4 phrases.*at most 3"):
         phrases.encode("a red circle left of a blue square and")
+
+
+def test_relation_slots_put_each_object_on_its_side(comfy_nodes, glance, tmp_path):
+    """``--relation-slots`` (the shipped file): in a relation caption each object's token carries the slot of the
+    side it is on, so "a red circle left of a blue square" and "a blue square right of a red circle" give the same
+    object tokens; other captions keep one slot per place."""
+    from devtools import train_reference
+
+    rm = glance.glance_core.reference_model
+    train_reference.train(tmp_path / "r.safetensors", steps=1, batch=2, seed=0, lr=1e-3, relation_slots=True)
+    ref = rm.load(tmp_path / "r.safetensors")
+    assert ref.relation_slots and ref.context_tokens == 3 and ref.position.shape == (3 + 4, 32)
+    emb, pos, v = ref.embedding.float(), ref.position.float(), ref.vocab
+
+    def words(*ws: str) -> torch.Tensor:
+        return sum(emb[v.index(w)] for w in ws)
+
+    side = {name: 3 + i for i, name in enumerate(rm.RELATION_SLOTS)}
+    ctx = ref.encode("a red circle left of a blue square")[0][0][0]
+    assert torch.allclose(ctx[0], words("a", "red", "circle") + pos[side["left"]])
+    assert torch.allclose(ctx[1], words("left", "of") + pos[1])
+    assert torch.allclose(ctx[2], words("a", "blue", "square") + pos[side["right"]])
+    other = ref.encode("a blue square right of a red circle")[0][0][0]
+    assert torch.equal(other[0], ctx[2]) and torch.equal(other[2], ctx[0]) and not torch.equal(other[1], ctx[1])
+    below = ref.encode("a red circle below a blue square")[0][0][0]
+    assert torch.allclose(below[0], words("a", "red", "circle") + pos[side["below"]])
+    assert torch.allclose(below[2], words("a", "blue", "square") + pos[side["above"]])
+    pair = ref.encode("a red circle and a blue square")[0][0][0]
+    assert torch.allclose(pair[0], words("a", "red", "circle") + pos[0])
+    assert torch.allclose(pair[2], words("a", "blue", "square") + pos[2])
+    with pytest.raises(ValueError, match="phrase tokens"):
+        train_reference.train(
+            tmp_path / "w.safetensors", steps=1, batch=2, seed=0, lr=1e-3, phrases=False, relation_slots=True
+        )
+    assert not (tmp_path / "w.safetensors").exists()
