@@ -207,7 +207,7 @@ def test_trained_file_encodes_one_token_per_phrase(comfy_nodes, glance, tmp_path
 
 
 def test_relation_slots_put_each_object_on_its_side(comfy_nodes, glance, tmp_path):
-    """``--relation-slots`` (the shipped file): in a relation caption each object's token carries the slot of the
+    """``--relation-slots``: in a relation caption each object's token carries the slot of the
     side it is on, so "a red circle left of a blue square" and "a blue square right of a red circle" give the same
     object tokens; other captions keep one slot per place."""
     from devtools import train_reference
