@@ -119,6 +119,8 @@ def train(
     relation_slots: bool = False,
     weights: tuple[float, ...] | None = None,
 ) -> dict:
+    if relation_slots and not phrases:
+        raise ValueError("relation slots need phrase tokens (--tokens phrases)")
     comfy_env.import_comfy()
     from safetensors.torch import save_file
 
@@ -141,8 +143,6 @@ def train(
     for p in params:
         p.requires_grad_(True)
     emb = torch.nn.Parameter(torch.randn(len(vocab), config["context_in_dim"], generator=g))
-    if relation_slots and not phrases:
-        raise ValueError("relation slots need phrase tokens (--tokens phrases)")
     n_slots = length + (len(rm.RELATION_SLOTS) if relation_slots else 0)
     pos = torch.nn.Parameter(0.1 * torch.randn(n_slots, config["context_in_dim"], generator=g))
     ema = {k: v.detach().clone() for k, v in dm.state_dict().items()}
