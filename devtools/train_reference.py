@@ -91,12 +91,13 @@ def _step(
     g,
     relation_slots: bool = False,
     weights: tuple[float, ...] | None = None,
+    count_words: dict[str, int] | None = None,
 ) -> torch.Tensor:
     """One batch of plain flow matching on the velocity ε − x0."""
     from glance_core import reference_model as rm
 
     x0, caps = sample_batch(batch, rng, weights)
-    groups = [rm.groups(vocab, c, length, starts) for c in caps]
+    groups = [rm.groups(vocab, c, length, starts, count_words) for c in caps]
     ctx = torch.stack([rm.context(emb, t) + pos[rm.slots(vocab, t, relation_slots)] for t in groups])
     s = sigmas(batch, g)
     eps = torch.randn(x0.shape, generator=g)
@@ -118,9 +119,10 @@ def train(
     phrases: bool = True,
     relation_slots: bool = False,
     weights: tuple[float, ...] | None = None,
+    count_tokens: bool = False,
 ) -> dict:
-    if relation_slots and not phrases:
-        raise ValueError("relation slots need phrase tokens (--tokens phrases)")
+    if (relation_slots or count_tokens) and not phrases:
+        raise ValueError("relation slots and count tokens need phrase tokens (--tokens phrases)")
     comfy_env.import_comfy()
     from safetensors.torch import save_file
 
@@ -135,6 +137,7 @@ def train(
     config = dict(config or rm.CONFIG)
     vocab = scenes.VOCAB
     starts = list(scenes.PHRASE_STARTS) if phrases else None
+    count_words = dict(scenes.NUMBERS) if count_tokens else None
     length = scenes.MAX_PHRASES if phrases else scenes.MAX_WORDS
     patcher = rm.build_model(config, initial_weights(config, seed), device="cpu")
     dm = patcher.model.diffusion_model
@@ -164,6 +167,7 @@ def train(
             "context_tokens": length,
             **({"phrase_starts": starts} if starts else {}),
             **({"relation_slots": True} if relation_slots else {}),
+            **({"count_tokens": count_words} if count_words else {}),
             **({"category_weights": list(weights)} if weights else {}),
             "steps": done,
             "batch": batch,
@@ -187,7 +191,9 @@ def train(
 
     with training_mode():  # ComfyUI's switch to autograd-capable kernels (FLUX's RoPE) on releases that have it
         for step in range(steps):
-            loss = _step(dm, options, emb, pos, vocab, length, starts, batch, rng, g, relation_slots, weights)
+            loss = _step(
+                dm, options, emb, pos, vocab, length, starts, batch, rng, g, relation_slots, weights, count_words
+            )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([*params, emb, pos], 1.0)
@@ -236,6 +242,11 @@ def main(argv: list[str] | None = None) -> None:
         help="the two objects of a relation take the slot of their side (left/right/above/below), not of their place",
     )
     ap.add_argument(
+        "--count-tokens",
+        action="store_true",
+        help="a counted phrase becomes one token per object ('three red circles' -> 3 x 'a red circle')",
+    )
+    ap.add_argument(
         "--category-weights",
         type=lambda t: tuple(float(x) for x in t.split(",")),
         default=None,
@@ -254,6 +265,7 @@ def main(argv: list[str] | None = None) -> None:
         phrases=args.tokens == "phrases",
         relation_slots=args.relation_slots,
         weights=args.category_weights,
+        count_tokens=args.count_tokens,
     )
 
 

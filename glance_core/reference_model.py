@@ -106,6 +106,11 @@ class Reference:
     def relation_slots(self) -> bool:
         return bool(self.info.get("relation_slots", False))
 
+    @property
+    def count_words(self) -> dict[str, int] | None:
+        counts = self.info.get("count_tokens")
+        return {str(w): int(n) for w, n in counts.items()} if counts else None
+
     def encode(self, caption: str) -> list:
         return encode(
             self.embedding,
@@ -115,6 +120,7 @@ class Reference:
             self.context_tokens,
             self.phrase_starts,
             self.relation_slots,
+            self.count_words,
         )
 
     def example(self) -> str:
@@ -146,11 +152,17 @@ def padded(vocab: list[str], caption: str, length: int = MAX_WORDS) -> list[int]
 
 
 def groups(
-    vocab: list[str], caption: str, length: int = MAX_WORDS, phrase_starts: list[str] | None = None
+    vocab: list[str],
+    caption: str,
+    length: int = MAX_WORDS,
+    phrase_starts: list[str] | None = None,
+    count_words: dict[str, int] | None = None,
 ) -> list[list[int]]:
     """The word indices of each context token of ``caption``, padded with the empty-caption token to the fixed
     context length the model was trained with: one word per token, or, with ``phrase_starts``, one phrase per token
-    (a new phrase begins at each of those words, e.g. "a", "two", "and", "left")."""
+    (a new phrase begins at each of those words, e.g. "a", "two", "and", "left"). With ``count_words``
+    ({"two": 2, ...}) a counted phrase becomes that many one-object tokens: "three red circles" is read as three
+    "a red circle" tokens, so the number of object tokens is the number of objects to draw."""
     if phrase_starts is None:
         return [[i] for i in padded(vocab, caption, length)]
     starts = set(phrase_starts)
@@ -162,12 +174,27 @@ def groups(
             out.append([i])
         else:
             out[-1].append(i)
+    if count_words:
+        out = [one for g in out for one in _counted(vocab, g, count_words)]
     if len(out) > length:
         raise GlanceError(
-            f"Caption {caption!r} has {len(out)} phrases; this reference model takes at most {length} (one or two "
-            "objects and a relation, e.g. 'a red circle left of a blue square'). Shorten the caption."
+            f"Caption {caption!r} has {len(out)} phrases"
+            + (" (a counted phrase is one per object)" if count_words else "")
+            + f"; this reference model takes at most {length} (one or two objects and a relation, e.g. 'a red "
+            "circle left of a blue square'). Shorten the caption."
         )
     return out + [[0]] * (length - len(out))
+
+
+def _counted(vocab: list[str], group: list[int], count_words: dict[str, int]) -> list[list[int]]:
+    """``group`` as ``n`` one-object phrases when it starts with a count word ("two red circles" -> 2 × "a red
+    circle": the number word becomes "a", a plural its singular), else unchanged."""
+    n = count_words.get(vocab[group[0]])
+    if n is None:
+        return [group]
+    index = {w: i for i, w in enumerate(vocab)}
+    one = [index["a"]] + [index.get(vocab[i][:-1], i) if vocab[i].endswith("s") else i for i in group[1:]]
+    return [list(one) for _ in range(n)]
 
 
 #: Slot vectors after the positional ones, when the file has ``relation_slots``: an object in a relation takes the
@@ -202,11 +229,12 @@ def encode(
     length: int = MAX_WORDS,
     phrase_starts: list[str] | None = None,
     relation_slots: bool = False,
+    count_words: dict[str, int] | None = None,
 ) -> list:
     """ComfyUI CONDITIONING for ``caption``: one context token per word or phrase (``groups``), plus a learnt
     vector per slot when the file has one (FLUX gives text tokens no position, and "a red circle left of a blue
     square" needs word order; ``slots``), their mean as FLUX's pooled vector."""
-    token_groups = groups(vocab, caption, length, phrase_starts)
+    token_groups = groups(vocab, caption, length, phrase_starts, count_words)
     ctx = context(embedding.to(torch.float32), token_groups)
     if position is not None:
         ctx = ctx + position.to(torch.float32)[slots(vocab, token_groups, relation_slots)]

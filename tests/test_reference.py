@@ -239,3 +239,31 @@ def test_relation_slots_put_each_object_on_its_side(comfy_nodes, glance, tmp_pat
             tmp_path / "w.safetensors", steps=1, batch=2, seed=0, lr=1e-3, phrases=False, relation_slots=True
         )
     assert not (tmp_path / "w.safetensors").exists()
+
+
+def test_count_tokens_give_one_token_per_counted_object(comfy_nodes, glance, tmp_path):
+    """``--count-tokens``: "three yellow triangles" is read as three "a yellow triangle" tokens (one per object to
+    draw, each in its own slot), the file says so, and a count that overflows the context is a clear error."""
+    from devtools import train_reference
+
+    rm = glance.glance_core.reference_model
+    train_reference.train(tmp_path / "c.safetensors", steps=1, batch=2, seed=0, lr=1e-3, count_tokens=True)
+    ref = rm.load(tmp_path / "c.safetensors")
+    assert ref.count_words == {"two": 2, "three": 3} and not ref.relation_slots
+    emb, pos, v = ref.embedding.float(), ref.position.float(), ref.vocab
+    one = sum(emb[v.index(w)] for w in ("a", "yellow", "triangle"))
+    three = ref.encode("three yellow triangles")[0][0][0]
+    assert three.shape == (3, 32)
+    for slot in range(3):
+        assert torch.allclose(three[slot], one + pos[slot])
+    two = ref.encode("two yellow triangles")[0][0][0]
+    assert torch.equal(two[:2], three[:2]) and torch.allclose(two[2], emb[0] + pos[2])
+    plain = ref.encode("a yellow triangle")[0][0][0]
+    assert torch.equal(plain[0], three[0]) and not torch.equal(plain[1], three[1])
+    with pytest.raises(glance.glance_core.GlanceError, match="4 phrases.*one per object.*at most 3"):
+        ref.encode("three yellow triangles and")
+    with pytest.raises(ValueError, match="phrase tokens"):
+        train_reference.train(
+            tmp_path / "w.safetensors", steps=1, batch=2, seed=0, lr=1e-3, phrases=False, count_tokens=True
+        )
+    assert not (tmp_path / "w.safetensors").exists()
