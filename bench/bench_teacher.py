@@ -51,6 +51,21 @@ def sample(ref, model, captions: list[str], seeds: int, sigmas, cfg: float, samp
     return torch.cat(out).numpy()
 
 
+def guidance_below(model, max_sigma: float):
+    """A clone of ``model`` that applies CFG only while σ ≤ ``max_sigma`` and takes the conditional prediction alone
+    above it (guidance in a limited interval): the layout, decided at high noise, then follows the caption's count
+    instead of being pushed to fill every cell."""
+
+    def cfg(args: dict) -> torch.Tensor:
+        cond, uncond, sigma = args["cond"], args["uncond"], args["sigma"]
+        scale = torch.where(sigma <= max_sigma, args["cond_scale"], 1.0).to(cond.dtype)
+        return uncond + (cond - uncond) * scale.view(-1, *([1] * (cond.ndim - 1)))
+
+    patched = model.clone()
+    patched.set_model_sampler_cfg_function(cfg)
+    return patched
+
+
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = ((a - b) ** 2).reshape(len(a), -1).mean(1)
     return float(np.mean(10 * np.log10(1.0 / np.maximum(mse, 1e-12))))
@@ -85,6 +100,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--cfg", type=float, default=reference_model.CFG)
     ap.add_argument("--out", type=Path, default=comfy_env.REPO / "out" / "bench_teacher")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--cfg-below-sigma",
+        type=float,
+        default=None,
+        help="apply CFG only while sigma <= this (the conditional model alone above it); default: at every step",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     comfy_env.import_comfy()
@@ -92,16 +113,19 @@ def main(argv: list[str] | None = None) -> dict:
 
     rm = _pack("glance_core.reference_model")
     ref = rm.load(args.model or rm.ASSETS / rm.REFERENCE_NAME)
+    model = ref.model if args.cfg_below_sigma is None else guidance_below(ref.model, args.cfg_below_sigma)
     ms = ref.model.get_model_object("model_sampling")
     s50 = comfy.samplers.calculate_sigmas(ms, "simple", 50).tolist()
     s10 = comfy.samplers.calculate_sigmas(ms, "simple", 10).tolist()
     glance10 = _pack("glance_core.schedules").preset("glance_flux").sigmas
     result: dict = {"model": str(args.model or rm.REFERENCE_NAME), "cfg": args.cfg, "seeds": args.seeds}
+    if args.cfg_below_sigma is not None:
+        result["cfg only below sigma"] = args.cfg_below_sigma
     for split, caps in (("seen", scenes.seen_captions()), ("held-out", scenes.held_out_captions())):
         labels = [c for c in caps for _ in range(args.seeds)]
-        t50 = sample(ref, ref.model, caps, args.seeds, s50, args.cfg)
-        g10 = sample(ref, ref.model, caps, args.seeds, glance10, args.cfg)
-        e10 = sample(ref, ref.model, caps, args.seeds, s10, args.cfg)
+        t50 = sample(ref, model, caps, args.seeds, s50, args.cfg)
+        g10 = sample(ref, model, caps, args.seeds, glance10, args.cfg)
+        e10 = sample(ref, model, caps, args.seeds, s10, args.cfg)
         result[split] = {
             "score 50 steps": scenes.score(t50, labels),
             "score Euler 10 (Glance sigmas)": scenes.score(g10, labels)["overall"],

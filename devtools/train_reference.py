@@ -11,7 +11,8 @@ logit-normal, FLUX-shifted sigmas; AdamW with an EMA of the weights, which is wh
 The same seed, steps and thread count give the same weights. The teacher takes each phrase of a caption
 ("a red circle" | "left of" | "a blue square") as one context token, the sum of its words' vectors, so an object's
 colour is bound to its shape before the model sees it (the shipped file); ``--tokens words`` trains the older kind,
-one token per word. The loader reads which from the file.
+one token per word. ``--relation-slots`` and ``--count-tokens`` (see ``reference_model.slots`` / ``groups``) change
+how captions become tokens in the same way. The loader reads all of this from the file.
 """
 
 from __future__ import annotations

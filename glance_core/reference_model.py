@@ -10,7 +10,9 @@ Every Glance / ArcFlow code path runs on it unchanged, because it *is* a ComfyUI
   the file's vocabulary (e.g. ``"a red circle left of a blue square"``), grouped into phrases when the file says
   so (``"a red circle" | "left of" | "a blue square"``, each phrase the sum of its words' vectors: one token per
   object, so a colour is bound to its shape before the model sees it; older files: one token per word), plus a
-  learnt vector for each token's slot, their mean the pooled vector.
+  learnt vector for each token's slot, their mean the pooled vector. Files may also say that a relation's objects
+  take the slot of their side (``relation_slots``) and that a counted phrase is one token per object
+  (``count_tokens``).
 
 The file: diffusion-model tensors under FLUX's names, the embedding under ``text_embedding.weight`` and the
 slot vectors under ``text_embedding.position``, and in the metadata the model config (``glance.reference.config``;

@@ -267,3 +267,24 @@ def test_count_tokens_give_one_token_per_counted_object(comfy_nodes, glance, tmp
             tmp_path / "w.safetensors", steps=1, batch=2, seed=0, lr=1e-3, phrases=False, count_tokens=True
         )
     assert not (tmp_path / "w.safetensors").exists()
+
+
+def test_bench_teacher_guidance_interval_switches_cfg_by_sigma(comfy_nodes, glance, ref):
+    """``bench_teacher --cfg-below-sigma``: above the threshold the clone samples as the conditional model alone,
+    below it as plain CFG, so a threshold above every sigma is plain CFG and one below every sigma is CFG 1; the
+    loaded teacher itself is left without the patch."""
+    from bench import bench_teacher
+
+    CFG = glance.glance_core.reference_model.CFG
+    sig = [1.0, 0.75, 0.5, 0.25, 0.0]
+    caps = ["three yellow triangles"]
+
+    def run(model, cfg: float) -> np.ndarray:
+        return bench_teacher.sample(ref, model, caps, 2, sig, cfg)
+
+    plain = run(ref.model, CFG)
+    assert np.allclose(run(bench_teacher.guidance_below(ref.model, 2.0), CFG), plain, atol=1e-5)
+    assert np.allclose(run(bench_teacher.guidance_below(ref.model, -1.0), CFG), run(ref.model, 1.0), atol=1e-5)
+    middle = run(bench_teacher.guidance_below(ref.model, 0.6), CFG)
+    assert np.abs(middle - plain).max() > 1e-2 and np.abs(middle - run(ref.model, 1.0)).max() > 1e-2
+    assert "sampler_cfg_function" not in ref.model.model_options
