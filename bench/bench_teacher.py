@@ -1,6 +1,7 @@
 """How good is the reference teacher? Prompt-following score at 50 steps and how far plain few-step Euler is off.
 
-    .venv/bin/python -m bench.bench_teacher [--model FILE] [--seeds 4] [--cfg 8]     (≈ 5 min, one thread)
+    .venv/bin/python -m bench.bench_teacher [--model FILE] [--seeds 4] [--cfg 8] [--cfg-below-sigma S]
+                                                                                     (≈ 5 min, one thread)
 
 For the seen and the held-out captions of ``glance_core.scenes`` (× seeds): the score of the teacher's 50-step
 output (per category and overall; for the position captions also how often the relation holds when both objects
