@@ -1,6 +1,6 @@
 """Train the pack's reference teacher (see ``glance_core.reference_model``) on scenes drawn in code.
 
-    .venv/bin/python -m devtools.train_reference            (≈ 52 min on two CPU threads; writes assets/)
+    .venv/bin/python -m devtools.train_reference            (≈ 55 min on two CPU threads; writes assets/)
 
 Data: ``glance_core.scenes`` — 1–3 coloured shapes on a light background (one per cell of a 2 × 2 layout) with
 captions such as "two red circles" or "a blue square left of a yellow triangle", the two-object kinds drawn more
@@ -10,9 +10,10 @@ can be sampled with CFG, which makes its trajectories curved. Plain flow matchin
 logit-normal, FLUX-shifted sigmas; AdamW with an EMA of the weights, which is what is saved.
 The same seed, steps and thread count give the same weights. The teacher takes each phrase of a caption
 ("a red circle" | "left of" | "a blue square") as one context token, the sum of its words' vectors, so an object's
-colour is bound to its shape before the model sees it (the shipped file); ``--tokens words`` trains the older kind,
-one token per word. ``--relation-slots`` and ``--count-tokens`` (see ``reference_model.slots`` / ``groups``) change
-how captions become tokens in the same way. The loader reads all of this from the file.
+colour is bound to its shape before the model sees it; ``--tokens words`` trains the older kind, one token per word.
+With phrase tokens, relation slots (the objects of a relation take the slot of their side) and count tokens ("three
+red circles" → three "a red circle" tokens) are on by default, as in the shipped file (``--no-relation-slots``,
+``--no-count-tokens``; see ``reference_model.slots`` / ``groups``). The loader reads all of this from the file.
 """
 
 from __future__ import annotations
@@ -220,12 +221,13 @@ def train(
     return info
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line; its defaults train the shipped file."""
     from glance_core import reference_model as rm
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=rm.ASSETS / rm.REFERENCE_NAME)
-    ap.add_argument("--steps", type=int, default=10000)
+    ap.add_argument("--steps", type=int, default=7000)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lr", type=float, default=1.5e-3)
@@ -239,13 +241,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument(
         "--relation-slots",
-        action="store_true",
-        help="the two objects of a relation take the slot of their side (left/right/above/below), not of their place",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the two objects of a relation take the slot of their side (left/right/above/below), not of their "
+        "place (default: on with phrase tokens, as the shipped file)",
     )
     ap.add_argument(
         "--count-tokens",
-        action="store_true",
-        help="a counted phrase becomes one token per object ('three red circles' -> 3 x 'a red circle')",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a counted phrase becomes one token per object ('three red circles' -> 3 x 'a red circle'; default: "
+        "on with phrase tokens, as the shipped file)",
     )
     ap.add_argument(
         "--category-weights",
@@ -254,7 +260,12 @@ def main(argv: list[str] | None = None) -> None:
         help="how often each caption kind is drawn, 6 numbers in scenes.CATEGORIES order (default: "
         "scenes.CATEGORY_WEIGHTS)",
     )
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    phrases = args.tokens == "phrases"
     train(
         args.out,
         args.steps,
@@ -263,10 +274,10 @@ def main(argv: list[str] | None = None) -> None:
         args.lr,
         threads=args.threads,
         snapshot_every=args.snapshot_every,
-        phrases=args.tokens == "phrases",
-        relation_slots=args.relation_slots,
+        phrases=phrases,
+        relation_slots=phrases if args.relation_slots is None else args.relation_slots,
         weights=args.category_weights,
-        count_tokens=args.count_tokens,
+        count_tokens=phrases if args.count_tokens is None else args.count_tokens,
     )
 
 

@@ -269,6 +269,35 @@ def test_count_tokens_give_one_token_per_counted_object(comfy_nodes, glance, tmp
     assert not (tmp_path / "w.safetensors").exists()
 
 
+def test_training_script_defaults_are_the_shipped_recipe(comfy_nodes, rm, tmp_path):
+    """``python -m devtools.train_reference`` with no options trains what is shipped: the same caption encoding
+    (phrase tokens, relation slots, count tokens), steps, batch, seed, learning rate and threads as the file records;
+    ``--tokens words`` alone still trains the word-per-token kind."""
+    from safetensors import safe_open
+
+    from devtools import train_reference
+
+    with safe_open(str(SHIPPED), framework="pt") as f:
+        shipped = json.loads(f.metadata()[rm.META_INFO])
+    defaults = train_reference.parser().parse_args([])
+    assert (defaults.steps, defaults.threads) == (shipped["steps"], shipped["threads"])
+    out, words = tmp_path / "d.safetensors", tmp_path / "w.safetensors"
+    threads = torch.get_num_threads()
+    try:
+        train_reference.main(["--out", str(out), "--steps", "1", "--threads", "1"])  # one step, every other default
+        train_reference.main(
+            ["--out", str(words), "--steps", "1", "--batch", "2", "--threads", "1", "--tokens", "words"]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    with safe_open(str(out), framework="pt") as f:
+        mine = json.loads(f.metadata()[rm.META_INFO])
+    recipe = ("context_tokens", "phrase_starts", "relation_slots", "count_tokens", "batch", "seed", "learning_rate")
+    assert {k: mine.get(k) for k in recipe} == {k: shipped.get(k) for k in recipe}
+    ref = rm.load(words)
+    assert ref.context_tokens > 3 and not ref.relation_slots and not ref.count_words
+
+
 def test_bench_teacher_guidance_interval_switches_cfg_by_sigma(comfy_nodes, glance, ref):
     """``bench_teacher --cfg-below-sigma``: above the threshold the clone samples as the conditional model alone,
     below it as plain CFG, so a threshold above every sigma is plain CFG and one below every sigma is CFG 1; the
