@@ -23,6 +23,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,6 +32,9 @@ import torch.nn.functional as F
 from glance_core import scenes
 
 from . import comfy_env
+
+if TYPE_CHECKING:
+    from glance_core.reference_model import CaptionFormat
 
 SIZE = scenes.SIZE
 
@@ -83,24 +87,17 @@ def _trainable_options(config: dict) -> dict:
 def _step(
     dm,
     options: dict,
-    emb,
-    pos,
-    vocab: list[str],
-    length: int,
-    starts: list[str] | None,
+    emb: torch.Tensor,
+    pos: torch.Tensor,
+    captions: CaptionFormat,
     batch: int,
     rng,
     g,
-    relation_slots: bool = False,
     weights: tuple[float, ...] | None = None,
-    count_words: dict[str, int] | None = None,
 ) -> torch.Tensor:
     """One batch of plain flow matching on the velocity ε − x0."""
-    from glance_core import reference_model as rm
-
     x0, caps = sample_batch(batch, rng, weights)
-    groups = [rm.groups(vocab, c, length, starts, count_words) for c in caps]
-    ctx = torch.stack([rm.context(emb, t) + pos[rm.slots(vocab, t, relation_slots)] for t in groups])
+    ctx = torch.stack([captions.context(emb, pos, c) for c in caps])
     s = sigmas(batch, g)
     eps = torch.randn(x0.shape, generator=g)
     xt = (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * eps
@@ -141,6 +138,7 @@ def train(
     starts = list(scenes.PHRASE_STARTS) if phrases else None
     count_words = dict(scenes.NUMBERS) if count_tokens else None
     length = scenes.MAX_PHRASES if phrases else scenes.MAX_WORDS
+    captions = rm.CaptionFormat(tuple(vocab), length, tuple(starts) if starts else None, relation_slots, count_words)
     patcher = rm.build_model(config, initial_weights(config, seed), device="cpu")
     dm = patcher.model.diffusion_model
     dm.train()
@@ -193,9 +191,7 @@ def train(
 
     with training_mode():  # ComfyUI's switch to autograd-capable kernels (FLUX's RoPE) on releases that have it
         for step in range(steps):
-            loss = _step(
-                dm, options, emb, pos, vocab, length, starts, batch, rng, g, relation_slots, weights, count_words
-            )
+            loss = _step(dm, options, emb, pos, captions, batch, rng, g, weights)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([*params, emb, pos], 1.0)

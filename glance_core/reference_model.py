@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,9 +101,9 @@ class Reference:
         return len(self.position)
 
     @property
-    def phrase_starts(self) -> list[str] | None:
+    def phrase_starts(self) -> tuple[str, ...] | None:
         starts = self.info.get("phrase_starts")
-        return list(starts) if starts is not None else None
+        return tuple(starts) if starts is not None else None
 
     @property
     def relation_slots(self) -> bool:
@@ -113,23 +114,20 @@ class Reference:
         counts = self.info.get("count_tokens")
         return {str(w): int(n) for w, n in counts.items()} if counts else None
 
-    def encode(self, caption: str) -> list:
-        return encode(
-            self.embedding,
-            self.vocab,
-            caption,
-            self.position,
-            self.context_tokens,
-            self.phrase_starts,
-            self.relation_slots,
-            self.count_words,
+    @property
+    def caption_format(self) -> CaptionFormat:
+        return CaptionFormat(
+            tuple(self.vocab), self.context_tokens, self.phrase_starts, self.relation_slots, self.count_words
         )
+
+    def encode(self, caption: str) -> list:
+        return self.caption_format.encode(self.embedding, self.position, caption)
 
     def example(self) -> str:
         return str(self.info.get("example_caption", " ".join(self.vocab[1:3])))
 
 
-def tokens(vocab: list[str], caption: str, example: str = "") -> list[int]:
+def tokens(vocab: Sequence[str], caption: str, example: str = "") -> list[int]:
     """Word indices of ``caption``; the empty caption is token 0. Unknown words are an error naming them."""
     words = caption.lower().replace(",", " ").split()
     index = {w: i for i, w in enumerate(vocab)}
@@ -142,7 +140,7 @@ def tokens(vocab: list[str], caption: str, example: str = "") -> list[int]:
     return [index[w] for w in words] or [0]
 
 
-def padded(vocab: list[str], caption: str, length: int = MAX_WORDS) -> list[int]:
+def padded(vocab: Sequence[str], caption: str, length: int = MAX_WORDS) -> list[int]:
     """``tokens`` padded with the empty-caption token to the fixed context length the model was trained with."""
     ids = [i for i in tokens(vocab, caption) if i != 0]
     if len(ids) > length:
@@ -154,10 +152,10 @@ def padded(vocab: list[str], caption: str, length: int = MAX_WORDS) -> list[int]
 
 
 def groups(
-    vocab: list[str],
+    vocab: Sequence[str],
     caption: str,
     length: int = MAX_WORDS,
-    phrase_starts: list[str] | None = None,
+    phrase_starts: Sequence[str] | None = None,
     count_words: dict[str, int] | None = None,
 ) -> list[list[int]]:
     """The word indices of each context token of ``caption``, padded with the empty-caption token to the fixed
@@ -188,7 +186,7 @@ def groups(
     return out + [[0]] * (length - len(out))
 
 
-def _counted(vocab: list[str], group: list[int], count_words: dict[str, int]) -> list[list[int]]:
+def _counted(vocab: Sequence[str], group: list[int], count_words: dict[str, int]) -> list[list[int]]:
     """``group`` as ``n`` one-object phrases when it starts with a count word ("two red circles" -> 2 × "a red
     circle": the number word becomes "a", a plural its singular), else unchanged."""
     n = count_words.get(vocab[group[0]])
@@ -206,7 +204,7 @@ RELATION_SLOTS = ("left", "right", "above", "below")
 _OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above"}
 
 
-def slots(vocab: list[str], token_groups: list[list[int]], relation_slots: bool = False) -> list[int]:
+def slots(vocab: Sequence[str], token_groups: list[list[int]], relation_slots: bool = False) -> list[int]:
     """The slot (row of the position vectors) of each context token: its place in the caption, or, with
     ``relation_slots``, for the two objects of a relation phrase, the side each one is on."""
     out = list(range(len(token_groups)))
@@ -223,24 +221,32 @@ def context(embedding: torch.Tensor, token_groups: list[list[int]]) -> torch.Ten
     return torch.stack([embedding[g].sum(0) for g in token_groups])
 
 
-def encode(
-    embedding: torch.Tensor,
-    vocab: list[str],
-    caption: str,
-    position: torch.Tensor | None = None,
-    length: int = MAX_WORDS,
-    phrase_starts: list[str] | None = None,
-    relation_slots: bool = False,
-    count_words: dict[str, int] | None = None,
-) -> list:
-    """ComfyUI CONDITIONING for ``caption``: one context token per word or phrase (``groups``), plus a learnt
-    vector per slot when the file has one (FLUX gives text tokens no position, and "a red circle left of a blue
-    square" needs word order; ``slots``), their mean as FLUX's pooled vector."""
-    token_groups = groups(vocab, caption, length, phrase_starts, count_words)
-    ctx = context(embedding.to(torch.float32), token_groups)
-    if position is not None:
-        ctx = ctx + position.to(torch.float32)[slots(vocab, token_groups, relation_slots)]
-    return [[ctx.unsqueeze(0), {"pooled_output": ctx.mean(0, keepdim=True)}]]
+@dataclass(frozen=True)
+class CaptionFormat:
+    """How a file turns a caption into context tokens (``groups``, ``slots``). Every field is stored in the file
+    (vocabulary and info), so the loader encodes a caption exactly as training did."""
+
+    vocab: tuple[str, ...]
+    length: int = MAX_WORDS
+    phrase_starts: tuple[str, ...] | None = None
+    relation_slots: bool = False
+    count_words: dict[str, int] | None = None
+
+    def context(self, embedding: torch.Tensor, position: torch.Tensor | None, caption: str) -> torch.Tensor:
+        """[tokens, dim]: each token its words' vectors summed plus, when the file has them, its slot's vector
+        (FLUX gives text tokens no position, and "a red circle left of a blue square" needs word order).
+        Differentiable: the training script learns ``embedding`` and ``position`` through it."""
+        token_groups = groups(self.vocab, caption, self.length, self.phrase_starts, self.count_words)
+        ctx = context(embedding, token_groups)
+        if position is not None:
+            ctx = ctx + position[slots(self.vocab, token_groups, self.relation_slots)]
+        return ctx
+
+    def encode(self, embedding: torch.Tensor, position: torch.Tensor | None, caption: str) -> list:
+        """ComfyUI CONDITIONING for ``caption`` (computed in float32), the tokens' mean as FLUX's pooled vector."""
+        pos = None if position is None else position.to(torch.float32)
+        ctx = self.context(embedding.to(torch.float32), pos, caption)
+        return [[ctx.unsqueeze(0), {"pooled_output": ctx.mean(0, keepdim=True)}]]
 
 
 def canonical_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
