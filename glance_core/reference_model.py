@@ -35,9 +35,9 @@ from .experts import GlanceError
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 REFERENCE_NAME = "glance_reference_scenes.safetensors"
 #: The guidance the reference teacher is sampled with (empty caption as negative). A trade: lower CFG follows the
-#: prompt a little better (50-step score 0.66 at 5, 0.58 at 7, 0.59 at 8 on the seen captions), higher CFG bends the
-#: trajectories so that plain 10-step Euler lands clearly off the 50-step output (29.0, 27.0, 26.0 dB held-out):
-#: 8 is the lowest that leaves few-step solvers room to be measured (``python -m bench.bench_teacher --cfg N``).
+#: prompt better (50-step score 0.73 / 0.72 seen / held-out at 5, 0.74 / 0.63 at 7, 0.70 / 0.55 at 8), higher CFG
+#: bends the trajectories so that plain 10-step Euler lands clearly off the 50-step output (28.9, 26.6, 25.6 dB
+#: held-out): 8 leaves few-step solvers room to be measured (``python -m bench.bench_teacher --cfg N --seeds 8``).
 CFG = 8.0
 META_CONFIG = "glance.reference.config"
 META_VOCAB = "glance.reference.vocab"
