@@ -134,19 +134,21 @@ def train(
     g = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     config = dict(config or rm.CONFIG)
-    vocab = scenes.VOCAB
-    starts = list(scenes.PHRASE_STARTS) if phrases else None
-    count_words = dict(scenes.NUMBERS) if count_tokens else None
-    length = scenes.MAX_PHRASES if phrases else scenes.MAX_WORDS
-    captions = rm.CaptionFormat(tuple(vocab), length, tuple(starts) if starts else None, relation_slots, count_words)
+    captions = rm.CaptionFormat(  # how captions become tokens; written to the file's info below
+        tuple(scenes.VOCAB),
+        scenes.MAX_PHRASES if phrases else scenes.MAX_WORDS,
+        tuple(scenes.PHRASE_STARTS) if phrases else None,
+        relation_slots,
+        dict(scenes.NUMBERS) if count_tokens else None,
+    )
     patcher = rm.build_model(config, initial_weights(config, seed), device="cpu")
     dm = patcher.model.diffusion_model
     dm.train()
     params = [p for p in dm.parameters()]
     for p in params:
         p.requires_grad_(True)
-    emb = torch.nn.Parameter(torch.randn(len(vocab), config["context_in_dim"], generator=g))
-    n_slots = length + (len(rm.RELATION_SLOTS) if relation_slots else 0)
+    emb = torch.nn.Parameter(torch.randn(len(captions.vocab), config["context_in_dim"], generator=g))
+    n_slots = captions.length + (len(rm.RELATION_SLOTS) if captions.relation_slots else 0)
     pos = torch.nn.Parameter(0.1 * torch.randn(n_slots, config["context_in_dim"], generator=g))
     ema = {k: v.detach().clone() for k, v in dm.state_dict().items()}
     ema_text = [emb.detach().clone(), pos.detach().clone()]
@@ -164,10 +166,10 @@ def train(
             "captions": "e.g. 'a triangle', 'a red circle', 'a circle and a square', 'two red circles', "
             "'a red circle and a blue square', 'a red circle left of a blue square'; '' (10 %) for CFG",
             "example_caption": "a red circle left of a blue square",
-            "context_tokens": length,
-            **({"phrase_starts": starts} if starts else {}),
-            **({"relation_slots": True} if relation_slots else {}),
-            **({"count_tokens": count_words} if count_words else {}),
+            "context_tokens": captions.length,
+            **({"phrase_starts": list(captions.phrase_starts)} if captions.phrase_starts else {}),
+            **({"relation_slots": True} if captions.relation_slots else {}),
+            **({"count_tokens": captions.count_words} if captions.count_words else {}),
             **({"category_weights": list(weights)} if weights else {}),
             "steps": done,
             "batch": batch,
@@ -182,7 +184,11 @@ def train(
         sd = rm.canonical_keys({k: v.to(torch.float16).contiguous() for k, v in ema.items()})
         sd[rm.TEXT_KEY] = ema_text[0].to(torch.float16).contiguous()
         sd[rm.POSITION_KEY] = ema_text[1].to(torch.float16).contiguous()
-        meta = {rm.META_CONFIG: json.dumps(config), rm.META_VOCAB: json.dumps(vocab), rm.META_INFO: json.dumps(info)}
+        meta = {
+            rm.META_CONFIG: json.dumps(config),
+            rm.META_VOCAB: json.dumps(list(captions.vocab)),
+            rm.META_INFO: json.dumps(info),
+        }
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         save_file(sd, str(tmp), metadata=meta)

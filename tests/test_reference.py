@@ -269,16 +269,13 @@ def test_count_tokens_give_one_token_per_counted_object(comfy_nodes, glance, tmp
     assert not (tmp_path / "w.safetensors").exists()
 
 
-def test_training_script_defaults_are_the_shipped_recipe(comfy_nodes, rm, tmp_path):
+def test_training_script_defaults_are_the_shipped_recipe(comfy_nodes, rm, ref, tmp_path):
     """``python -m devtools.train_reference`` with no options trains what is shipped: the same caption encoding
     (phrase tokens, relation slots, count tokens), steps, batch, seed, learning rate and threads as the file records;
     ``--tokens words`` alone still trains the word-per-token kind."""
-    from safetensors import safe_open
-
     from devtools import train_reference
 
-    with safe_open(str(SHIPPED), framework="pt") as f:
-        shipped = json.loads(f.metadata()[rm.META_INFO])
+    shipped = ref.info
     defaults = train_reference.parser().parse_args([])
     assert (defaults.steps, defaults.threads) == (shipped["steps"], shipped["threads"])
     out, words = tmp_path / "d.safetensors", tmp_path / "w.safetensors"
@@ -290,12 +287,11 @@ def test_training_script_defaults_are_the_shipped_recipe(comfy_nodes, rm, tmp_pa
         )
     finally:
         torch.set_num_threads(threads)
-    with safe_open(str(out), framework="pt") as f:
-        mine = json.loads(f.metadata()[rm.META_INFO])
+    mine = rm.load(out).info
     recipe = ("context_tokens", "phrase_starts", "relation_slots", "count_tokens", "batch", "seed", "learning_rate")
     assert {k: mine.get(k) for k in recipe} == {k: shipped.get(k) for k in recipe}
-    ref = rm.load(words)
-    assert ref.context_tokens > 3 and not ref.relation_slots and not ref.count_words
+    word_ref = rm.load(words)
+    assert word_ref.context_tokens > 3 and not word_ref.relation_slots and not word_ref.count_words
 
 
 def test_bench_teacher_guidance_interval_switches_cfg_by_sigma(comfy_nodes, glance, ref):
